@@ -1,0 +1,25 @@
+# Every target installs what it needs first (scripts/setup.sh is idempotent), then acts.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test lint demo bench clean
+
+setup:
+	@./scripts/setup.sh
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+demo: setup
+	$(PY) scripts/demo.py $(DEMO_ARGS)
+
+bench: setup
+	$(PY) scripts/bench_media.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

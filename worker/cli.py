@@ -1,0 +1,57 @@
+"""The ``aispinner-worker`` command line: run the worker, check and show its settings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from worker import __version__
+from worker.config import Settings, load_settings
+from worker.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aispinner-worker",
+        description="Telephony media worker: SIP trunks and Asterisk calls bridged to voice agents.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML settings file (default: $AISPINNER_CONFIG, else built-in defaults)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("run", help="run the worker until interrupted (SIGINT/SIGTERM)")
+    sub.add_parser("config", help="validate the settings and print them as JSON")
+    return parser
+
+
+def _load(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        print(f"aispinner-worker: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = _load(args.config)
+    if args.command == "config":
+        print(json.dumps(settings.model_dump(mode="json"), indent=2))
+        return 0
+    if args.command == "run":
+        from worker.app import run_forever
+
+        return run_forever(settings)
+    raise AssertionError(args.command)  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Typed settings for the worker, read from a TOML file and ``AISPINNER_*`` environment variables.
+
+Precedence (highest first): keyword arguments, environment (``AISPINNER_SIP__PORT=5070``; nested
+sections joined with ``__``), the TOML file (``--config`` or ``AISPINNER_CONFIG``), defaults.
+Every setting is documented in ``config/worker.example.toml``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from worker.errors import ConfigError
+
+Codec = Literal["PCMU", "PCMA"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class SipSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(5060, ge=1, le=65535)
+    transports: list[Literal["udp", "tcp"]] = ["udp", "tcp"]
+    public_host: str | None = None
+    user_agent: str = "aispinner-worker"
+    max_message_bytes: int = Field(65535, ge=1024)
+    max_calls: int = Field(500, ge=1)
+    rate_limit_per_second: float = Field(200.0, gt=0)
+    rate_limit_burst: int = Field(400, ge=1)
+    t1_ms: int = Field(500, ge=50)
+    t2_ms: int = Field(4000, ge=100)
+    t4_ms: int = Field(5000, ge=100)
+    session_expires_s: int = Field(1800, ge=90)
+    auth_realm: str = "aispinner"
+    users: dict[str, str] = Field(default_factory=dict)
+
+
+class RtpSettings(_Section):
+    host: str = "127.0.0.1"
+    port_min: int = Field(20000, ge=1024, le=65534)
+    port_max: int = Field(30000, ge=1025, le=65535)
+    inactivity_timeout_s: float = Field(30.0, gt=0)
+    jitter_min_ms: int = Field(40, ge=0)
+    jitter_max_ms: int = Field(200, ge=20)
+
+    @model_validator(mode="after")
+    def _range(self) -> RtpSettings:
+        if self.port_max - self.port_min < 2:
+            raise ValueError("rtp.port_max must be at least port_min + 2")
+        return self
+
+
+class TrunkSettings(_Section):
+    host: str
+    port: int = Field(5060, ge=1, le=65535)
+    transport: Literal["udp", "tcp"] = "udp"
+    username: str | None = None
+    password: str | None = None
+    registration: bool = False
+    registration_expires_s: int = Field(3600, ge=60)
+    from_user: str | None = None
+    from_domain: str | None = None
+    codecs: list[Codec] = ["PCMU", "PCMA"]
+    inbound_sources: list[str] = Field(default_factory=list)
+
+    @field_validator("inbound_sources")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"inbound source {item!r} is not an IP address or CIDR") from exc
+        return value
+
+
+class RouteSettings(_Section):
+    """Where calls to a dialled number go: the built-in echo, or a voice agent."""
+
+    match: str = Field(description="dialled number; '*' matches anything, a trailing '*' a prefix")
+    action: Literal["echo", "agent", "reject"] = "agent"
+    trunk: str | None = None
+    agent_url: str | None = None
+    protocol: Literal["jambonz", "twilio"] = "jambonz"
+    sample_rate: Literal[8000, 16000, 24000, 48000] = 8000
+    username: str | None = None
+    password: str | None = None
+    record: bool = True
+    barge_in: bool = False
+    custom_parameters: dict[str, str] = Field(default_factory=dict)
+
+    def matches(self, number: str) -> bool:
+        if self.match == "*":
+            return True
+        if self.match.endswith("*"):
+            return number.startswith(self.match[:-1])
+        return number == self.match
+
+
+class Settings(BaseSettings):
+    """All of the worker's settings. Sections mirror ``config/worker.example.toml``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AISPINNER_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    data_dir: Path = Path("data")
+    log: LogSettings = LogSettings()
+    sip: SipSettings = SipSettings()
+    rtp: RtpSettings = RtpSettings()
+    trunks: dict[str, TrunkSettings] = Field(default_factory=dict)
+    routes: list[RouteSettings] = Field(
+        default_factory=lambda: [RouteSettings(match="echo", action="echo")]
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlValues(settings_cls, _FILE_VALUES.get()))
+
+    def route_for(self, number: str) -> RouteSettings | None:
+        for route in self.routes:
+            if route.matches(number):
+                return route
+        return None
+
+
+class _TomlValues(PydanticBaseSettingsSource):
+    """The parsed TOML file as the lowest-precedence settings source."""
+
+    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        self._values = values
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
+
+
+_FILE_VALUES: ContextVar[dict[str, Any]] = ContextVar("_FILE_VALUES", default={})
+
+
+def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:
+    """Read settings from ``path`` (or ``$AISPINNER_CONFIG``), the environment and ``overrides``.
+
+    Raises ``ConfigError`` listing every problem, never a raw validation traceback.
+    """
+    if path is None:
+        env_path = os.environ.get("AISPINNER_CONFIG")
+        path = Path(env_path) if env_path else None
+    file_values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            file_values = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    token = _FILE_VALUES.set(file_values)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from exc
+    finally:
+        _FILE_VALUES.reset(token)

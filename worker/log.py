@@ -1,0 +1,92 @@
+"""Logging: structured JSON in production, readable lines in a terminal, one logger per call.
+
+``setup_logging`` configures the root once. ``call_logger(call_id)`` returns a ``CallLogger`` that
+stamps every record with the call id; it caches ``debug`` (like python-websockets) so the 20 ms
+media path can skip logging without formatting anything: ``if log.debug: log.log_debug(...)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, Literal
+
+_RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()) | {
+    "message",
+    "asctime",
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, plus every ``extra`` field."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_"):
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, separators=(",", ":"))
+
+
+class ConsoleFormatter(logging.Formatter):
+    """``12:00:00.123 INFO  worker.sip  [call=abc] message key=value``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        clock = time.strftime("%H:%M:%S", time.localtime(record.created))
+        extras = {
+            k: v for k, v in record.__dict__.items() if k not in _RESERVED and not k.startswith("_")
+        }
+        call = extras.pop("call_id", None)
+        head = f"{clock}.{int(record.msecs):03d} {record.levelname:<5} {record.name}"
+        if call:
+            head += f" [call={call}]"
+        tail = " ".join(f"{k}={v}" for k, v in extras.items())
+        line = f"{head} {record.getMessage()}" + (f" {tail}" if tail else "")
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging(
+    level: str = "info", fmt: Literal["auto", "json", "console"] = "auto", stream: Any = None
+) -> None:
+    """Configure the root logger once for the process (idempotent)."""
+    stream = stream or sys.stderr
+    if fmt == "auto":
+        fmt = "console" if getattr(stream, "isatty", lambda: False)() else "json"
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_aispinner", False):
+            root.removeHandler(old)
+    handler._aispinner = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+class CallLogger(logging.LoggerAdapter[logging.Logger]):
+    """A logger bound to one call. ``debug`` is cached at creation: check it before hot-path logs."""
+
+    def __init__(self, logger: logging.Logger, call_id: str) -> None:
+        super().__init__(logger, {"call_id": call_id})
+        self.call_id = call_id
+        self.debug_enabled = logger.isEnabledFor(logging.DEBUG)
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = kwargs.get("extra")
+        kwargs["extra"] = {**self.extra, **extra} if extra else self.extra
+        return msg, kwargs
+
+
+def call_logger(call_id: str, name: str = "worker.call") -> CallLogger:
+    return CallLogger(logging.getLogger(name), call_id)
