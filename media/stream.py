@@ -1,0 +1,137 @@
+"""One call leg's media, sans-I/O: RTP in → (RFC 4733 | jitter buffer → G.711 decode) → 20 ms PCM
+frames on the media tick; 20 ms PCM frames (or queued DTMF) → G.711 encode → RTP out.
+
+The leg's asyncio adapter calls ``receive(packet, now)`` for each packet and, on every 20 ms tick,
+``pull_frame(now)`` for the caller's audio and ``send_frame(pcm)`` for what the caller should hear.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from dataclasses import dataclass
+
+from media.dtmf import DtmfDigit, DtmfFrame, DtmfReceiver, DtmfSender
+from media.g711 import G711Codec
+from media.jitter import Gap, JitterBuffer, JitterStats
+from media.rtp import RtpPacket, RtpSender
+
+FRAME_MS = 20
+SAMPLE_RATE = 8000
+FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000
+FRAME_BYTES = FRAME_SAMPLES * 2
+_MAX_PENDING_BYTES = FRAME_BYTES * 10  # 200 ms of decoded audio waiting for ticks, at most
+
+
+@dataclass(slots=True)
+class StreamCounters:
+    frames_in: int = 0
+    frames_out: int = 0
+    dtmf_in: int = 0
+    dtmf_out: int = 0
+    wrong_payload_type: int = 0
+    pending_dropped_bytes: int = 0
+
+
+class RtpStream:
+    """Media for one negotiated RTP session with a G.711 codec and optional telephone-event."""
+
+    def __init__(
+        self,
+        codec: G711Codec,
+        telephone_event_pt: int | None = None,
+        *,
+        jitter_min_ms: float = 40.0,
+        jitter_max_ms: float = 200.0,
+        ssrc: int | None = None,
+    ) -> None:
+        self.codec = codec
+        self.telephone_event_pt = telephone_event_pt
+        self.jitter = JitterBuffer(SAMPLE_RATE, min_ms=jitter_min_ms, max_ms=jitter_max_ms)
+        self.sender = RtpSender(codec.payload_type, secrets.randbits(32) if ssrc is None else ssrc)
+        self._dtmf_in = DtmfReceiver(SAMPLE_RATE)
+        self._dtmf_out = (
+            DtmfSender(telephone_event_pt, SAMPLE_RATE) if telephone_event_pt is not None else None
+        )
+        self._dtmf_queue: deque[DtmfFrame] = deque()
+        self._dtmf_start = 0
+        self._pending = bytearray()
+        self._first_packet = True
+        self.counters = StreamCounters()
+
+    # inbound ---------------------------------------------------------------------------------
+    def receive(self, packet: RtpPacket, now: float) -> DtmfDigit | None:
+        """File one packet from the peer; returns a DTMF digit when a key press completes."""
+        pt = packet.payload_type
+        if pt == self.codec.payload_type:
+            self.jitter.push(packet, now)
+            return None
+        if pt == self.telephone_event_pt:
+            digit = self._dtmf_in.feed(packet, now)
+            if digit is not None:
+                self.counters.dtmf_in += 1
+            return digit
+        self.counters.wrong_payload_type += 1
+        return None
+
+    def poll_dtmf(self, now: float) -> DtmfDigit | None:
+        """A key press whose end packets never came, reported after its timeout."""
+        digit = self._dtmf_in.poll(now)
+        if digit is not None:
+            self.counters.dtmf_in += 1
+        return digit
+
+    def pull_frame(self, now: float) -> bytes | None:
+        """The caller's next 20 ms of PCM due at ``now`` (loss concealed with silence), or None
+        when the peer is not sending (before the first packet, or after a long silence)."""
+        pending = self._pending
+        for item in self.jitter.pop(now):
+            if isinstance(item, Gap):
+                pending += bytes(item.samples * 2)
+            else:
+                pending += self.codec.decode(item.payload)
+        if len(pending) > _MAX_PENDING_BYTES:
+            excess = len(pending) - _MAX_PENDING_BYTES
+            excess -= excess % FRAME_BYTES
+            del pending[:excess]
+            self.counters.pending_dropped_bytes += excess
+        if len(pending) < FRAME_BYTES:
+            return None
+        frame = bytes(pending[:FRAME_BYTES])
+        del pending[:FRAME_BYTES]
+        self.counters.frames_in += 1
+        return frame
+
+    @property
+    def jitter_stats(self) -> JitterStats:
+        return self.jitter.stats
+
+    # outbound --------------------------------------------------------------------------------
+    def queue_dtmf(self, digit: str, duration_ms: int = 160) -> bool:
+        """Queue an RFC 4733 key press to replace audio on the next ticks. False if the peer
+        did not negotiate telephone-event (the caller may fall back to SIP INFO)."""
+        if self._dtmf_out is None:
+            return False
+        self._dtmf_queue.extend(self._dtmf_out.packets_for(digit, duration_ms))
+        self.counters.dtmf_out += 1
+        return True
+
+    def send_frame(self, pcm: bytes) -> bytes:
+        """The RTP packet carrying this tick's 20 ms: the next DTMF frame if one is queued,
+        else ``pcm`` encoded (which must be one frame of 8 kHz PCM)."""
+        marker = self._first_packet
+        self._first_packet = False
+        queue = self._dtmf_queue
+        if queue and self._dtmf_out is not None:
+            frame = queue.popleft()
+            if frame.marker:
+                self._dtmf_start = self.sender.next_timestamp
+            return self.sender.build(
+                frame.payload,
+                frame.samples,
+                frame.marker,
+                payload_type=self._dtmf_out.payload_type,
+                timestamp=self._dtmf_start,
+            )
+        self.counters.frames_out += 1
+        return self.sender.build(self.codec.encode(pcm), FRAME_SAMPLES, marker)

@@ -1,0 +1,96 @@
+"""media.stream: one leg's RTP in/out on the 20 ms tick, against SIPp's real captures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from media.dtmf import DtmfReceiver
+from media.g711 import PCMA, PCMU
+from media.rtp import RtpPacket
+from media.stream import FRAME_BYTES, FRAME_SAMPLES, RtpStream
+from tests.pcap import read_pcap
+
+
+def _packets(path: Path) -> list[tuple[float, RtpPacket]]:
+    return [(d.timestamp, RtpPacket.parse(d.payload)) for d in read_pcap(path).datagrams]
+
+
+class TestPacketisationToTicks:
+    """SIPp's g711a.pcap carries 30 ms PCMA packets; the stream yields exact 20 ms frames."""
+
+    def test_30ms_packets_become_20ms_frames_without_losing_audio(self, sipp_share: Path) -> None:
+        packets = _packets(sipp_share / "g711a.pcap")
+        stream = RtpStream(PCMA, 101)
+        start = packets[0][0]
+        expected = b"".join(PCMA.decode(p.payload) for _, p in packets)
+        out = bytearray()
+        index = 0
+        now = 0.0
+        while now < (packets[-1][0] - start) + 1.0:
+            while index < len(packets) and packets[index][0] - start <= now:
+                stream.receive(packets[index][1], now)
+                index += 1
+            frame = stream.pull_frame(now)
+            if frame is not None:
+                assert len(frame) == FRAME_BYTES
+                out += frame
+            now += 0.02
+        stats = stream.jitter_stats
+        assert stats.lost == 0 and stats.late == 0
+        # Everything came out in order and whole; after the stream ends, the buffer conceals
+        # a bounded stretch with silence (max_conceal_ms), then goes quiet.
+        assert bytes(out[: len(expected)]) == expected
+        tail = bytes(out[len(expected) :])
+        assert tail == bytes(len(tail))
+        assert len(tail) <= 8 * 300 * 2 + FRAME_BYTES
+
+    def test_nothing_before_the_first_packet(self) -> None:
+        assert RtpStream(PCMU).pull_frame(5.0) is None
+
+
+class TestRfc4733RoundTrip:
+    def test_sent_digits_decode_back(self) -> None:
+        stream = RtpStream(PCMU, 101)
+        assert stream.queue_dtmf("7", 100)
+        receiver = DtmfReceiver()
+        digits = []
+        audio_packets = 0
+        for tick in range(20):
+            packet = RtpPacket.parse(stream.send_frame(bytes(FRAME_BYTES)))
+            if packet.payload_type == 101:
+                got = receiver.feed(packet, tick * 0.02)
+                if got is not None:
+                    digits.append(got.digit)
+            else:
+                audio_packets += 1
+        assert digits == ["7"]
+        assert audio_packets > 0
+
+    def test_audio_timestamps_keep_running_through_dtmf(self) -> None:
+        stream = RtpStream(PCMU, 101)
+        first = RtpPacket.parse(stream.send_frame(bytes(FRAME_BYTES)))
+        stream.queue_dtmf("1", 60)
+        packets = [RtpPacket.parse(stream.send_frame(bytes(FRAME_BYTES))) for _ in range(12)]
+        audio = [p for p in packets if p.payload_type == PCMU.payload_type]
+        ticks_later = packets.index(audio[0]) + 1
+        assert audio[0].timestamp - first.timestamp == ticks_later * FRAME_SAMPLES
+        assert first.marker and not audio[0].marker
+
+    def test_no_telephone_event_negotiated(self) -> None:
+        assert RtpStream(PCMU, None).queue_dtmf("1") is False
+
+
+class TestInboundRouting:
+    def test_dtmf_pcap_gives_its_digit(self, sipp_share: Path) -> None:
+        stream = RtpStream(PCMA, 101)
+        digits = [
+            d.digit
+            for t, p in _packets(sipp_share / "dtmf_2833_pound.pcap")
+            if (d := stream.receive(p, t)) is not None
+        ]
+        assert digits == ["#"]
+
+    def test_unknown_payload_type_is_counted(self) -> None:
+        stream = RtpStream(PCMU, 101)
+        stream.receive(RtpPacket(payload_type=18, sequence=1, timestamp=0, ssrc=1, payload=b"x"), 0)
+        assert stream.counters.wrong_payload_type == 1

@@ -1,0 +1,146 @@
+"""RTP endpoints for call legs: a port allocator over the configured range and one asyncio
+datagram endpoint per leg with symmetric RTP (latch on the first valid source).
+
+The endpoint only moves bytes: it parses with ``media.rtp`` (counting, never raising), latches,
+and hands packets to the leg's callback with the loop's ``now``. Sending goes to the latched
+source once there is one, else to the address from the SDP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from media.rtp import RtpCounters, RtpPacket, parse_or_count
+from worker.errors import LocalError
+
+Address = tuple[str, int]
+PacketHandler = Callable[[RtpPacket, float], None]
+
+
+class PortsExhausted(LocalError):
+    """Every RTP port in the configured range is in use."""
+
+
+class PortAllocator:
+    """Hands out even RTP ports from ``[port_min, port_max]``, starting at a random offset."""
+
+    def __init__(self, port_min: int, port_max: int) -> None:
+        first = port_min + (port_min % 2)
+        self._ports = list(range(first, port_max, 2))
+        if not self._ports:
+            raise LocalError(f"no even port in {port_min}-{port_max}")
+        self._next = random.randrange(len(self._ports))
+        self._used: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._ports) - len(self._used)
+
+    def candidates(self) -> list[int]:
+        """Free ports in the order to try them (round robin, so a freed port rests a while)."""
+        n = len(self._ports)
+        order = [self._ports[(self._next + i) % n] for i in range(n)]
+        return [p for p in order if p not in self._used]
+
+    def take(self, port: int) -> None:
+        self._used.add(port)
+        self._next = (self._ports.index(port) + 1) % len(self._ports)
+
+    def release(self, port: int) -> None:
+        self._used.discard(port)
+
+
+@dataclass(slots=True)
+class EndpointCounters:
+    sent: int = 0
+    send_errors: int = 0
+    foreign_source: int = 0
+
+
+class RtpEndpoint(asyncio.DatagramProtocol):
+    """One leg's RTP socket. ``on_packet(packet, now)`` gets every valid packet from the peer."""
+
+    def __init__(self, on_packet: PacketHandler, loop: asyncio.AbstractEventLoop) -> None:
+        self._on_packet = on_packet
+        self._loop = loop
+        self._transport: asyncio.DatagramTransport | None = None
+        self.remote: Address | None = None
+        self.latched: Address | None = None
+        self.counters = RtpCounters()
+        self.endpoint_counters = EndpointCounters()
+        self.last_received: float | None = None
+        self.local: Address = ("", 0)
+
+    # asyncio.DatagramProtocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self._transport = transport
+        sockname = transport.get_extra_info("sockname")
+        self.local = (sockname[0], sockname[1])
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        latched = self.latched
+        if latched is not None and (addr[0], addr[1]) != latched:
+            self.endpoint_counters.foreign_source += 1
+            return
+        packet = parse_or_count(data, self.counters)
+        if packet is None:
+            return
+        if latched is None:
+            self.latched = (addr[0], addr[1])
+        now = self._loop.time()
+        self.last_received = now
+        self._on_packet(packet, now)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable from a peer that went away: counted, the inactivity timer ends it.
+        self.endpoint_counters.send_errors += 1
+
+    # sending
+    def send(self, data: bytes) -> None:
+        target = self.latched or self.remote
+        if target is None or self._transport is None:
+            return
+        self._transport.sendto(data, target)
+        self.endpoint_counters.sent += 1
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    @property
+    def closed(self) -> bool:
+        return self._transport is None
+
+
+class RtpPortPool:
+    """Binds ``RtpEndpoint``s on free ports of the allocator; releases them on close."""
+
+    def __init__(self, host: str, port_min: int, port_max: int) -> None:
+        self.host = host
+        self.allocator = PortAllocator(port_min, port_max)
+
+    async def open(self, on_packet: PacketHandler) -> RtpEndpoint:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        for port in self.allocator.candidates()[:64]:
+            try:
+                _, protocol = await loop.create_datagram_endpoint(
+                    lambda: RtpEndpoint(on_packet, loop),
+                    local_addr=(self.host, port),
+                    family=family,
+                )
+            except OSError:
+                continue  # taken by another process: try the next one
+            self.allocator.take(port)
+            return protocol
+        raise PortsExhausted(f"no free RTP port on {self.host} in the configured range")
+
+    def close(self, endpoint: RtpEndpoint) -> None:
+        port = endpoint.local[1]
+        endpoint.close()
+        self.allocator.release(port)
