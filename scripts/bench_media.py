@@ -18,18 +18,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from media.g711 import PCMU  # noqa: E402
-from media.playout import PlayoutBuffer  # noqa: E402
-from media.recorder import StereoMp3Recorder  # noqa: E402
-from media.resample import Resampler  # noqa: E402
-from media.rtp import RtpCounters, RtpSender, parse_or_count  # noqa: E402
-from media.stream import FRAME_SAMPLES, RtpStream  # noqa: E402
-from media.vad import VoiceActivityDetector  # noqa: E402
+from media.g711 import PCMU
+from media.playout import PlayoutBuffer
+from media.recorder import StereoMp3Recorder
+from media.resample import Resampler
+from media.rtp import RtpCounters, RtpSender, parse_or_count
+from media.stream import FRAME_SAMPLES, RtpStream
+from media.vad import VoiceActivityDetector
 
 TICK = 0.020
 AGENT_RATE = 16000
@@ -47,7 +46,7 @@ def _speechlike(seconds: float, rate: int, seed: int) -> bytes:
     return np.clip(signal, -32768, 32767).astype("<i2").tobytes()
 
 
-def run(calls: int, seconds: float, low_latency: bool, workdir: Path) -> dict[str, float]:
+def run(calls: int, seconds: float, low_latency: bool, workdir: Path) -> dict[str, Any]:
     ticks = int(seconds / TICK)
     caller_pcm = _speechlike(seconds, 8000, 1)
     agent_pcm = _speechlike(seconds, AGENT_RATE, 2)

@@ -16,7 +16,7 @@ from worker.errors import ConfigError
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aispinner-worker",
-        description="Telephony media worker: SIP trunks and Asterisk calls bridged to voice agents.",
+        description="Telephony media worker: SIP trunks and Asterisk calls bridged to agents.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(

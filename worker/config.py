@@ -30,6 +30,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _check_networks(value: list[str]) -> list[str]:
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError as exc:
+            raise ValueError(f"source {item!r} is not an IP address or CIDR") from exc
+    return value
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -51,6 +60,12 @@ class SipSettings(_Section):
     session_expires_s: int = Field(1800, ge=90)
     auth_realm: str = "aispinner"
     users: dict[str, str] = Field(default_factory=dict)
+    trusted_sources: list[str] = ["127.0.0.0/8", "::1/128"]
+
+    @field_validator("trusted_sources")
+    @classmethod
+    def _trusted(cls, value: list[str]) -> list[str]:
+        return _check_networks(value)
 
 
 class RtpSettings(_Section):
@@ -84,12 +99,7 @@ class TrunkSettings(_Section):
     @field_validator("inbound_sources")
     @classmethod
     def _cidrs(cls, value: list[str]) -> list[str]:
-        for item in value:
-            try:
-                ipaddress.ip_network(item, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"inbound source {item!r} is not an IP address or CIDR") from exc
-        return value
+        return _check_networks(value)
 
 
 class RouteSettings(_Section):
@@ -140,7 +150,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _TomlValues(settings_cls, _FILE_VALUES.get()))
+        return (init_settings, env_settings, _TomlValues(settings_cls, _FILE_VALUES.get({})))
 
     def route_for(self, number: str) -> RouteSettings | None:
         for route in self.routes:
@@ -163,7 +173,7 @@ class _TomlValues(PydanticBaseSettingsSource):
         return dict(self._values)
 
 
-_FILE_VALUES: ContextVar[dict[str, Any]] = ContextVar("_FILE_VALUES", default={})
+_FILE_VALUES: ContextVar[dict[str, Any]] = ContextVar("_FILE_VALUES")
 
 
 def load_settings(path: Path | str | None = None, **overrides: Any) -> Settings:

@@ -75,7 +75,7 @@ def setup_logging(
 
 
 class CallLogger(logging.LoggerAdapter[logging.Logger]):
-    """A logger bound to one call. ``debug`` is cached at creation: check it before hot-path logs."""
+    """A logger bound to one call; ``debug_enabled`` is cached: check it before hot-path logs."""
 
     def __init__(self, logger: logging.Logger, call_id: str) -> None:
         super().__init__(logger, {"call_id": call_id})
@@ -84,7 +84,8 @@ class CallLogger(logging.LoggerAdapter[logging.Logger]):
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         extra = kwargs.get("extra")
-        kwargs["extra"] = {**self.extra, **extra} if extra else self.extra
+        base = dict(self.extra) if self.extra is not None else {}
+        kwargs["extra"] = {**base, **extra} if extra else base
         return msg, kwargs
 
 

@@ -13,6 +13,7 @@ import random
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from media.rtp import RtpCounters, RtpPacket, parse_or_count
 from worker.errors import LocalError
@@ -21,7 +22,7 @@ Address = tuple[str, int]
 PacketHandler = Callable[[RtpPacket, float], None]
 
 
-class PortsExhausted(LocalError):
+class PortsExhaustedError(LocalError):
     """Every RTP port in the configured range is in use."""
 
 
@@ -76,8 +77,8 @@ class RtpEndpoint(asyncio.DatagramProtocol):
 
     # asyncio.DatagramProtocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self._transport = transport
+        # uvloop's UDP transport does not subclass asyncio.DatagramTransport: cast, not assert.
+        self._transport = cast(asyncio.DatagramTransport, transport)
         sockname = transport.get_extra_info("sockname")
         self.local = (sockname[0], sockname[1])
 
@@ -138,7 +139,7 @@ class RtpPortPool:
                 continue  # taken by another process: try the next one
             self.allocator.take(port)
             return protocol
-        raise PortsExhausted(f"no free RTP port on {self.host} in the configured range")
+        raise PortsExhaustedError(f"no free RTP port on {self.host} in the configured range")
 
     def close(self, endpoint: RtpEndpoint) -> None:
         port = endpoint.local[1]

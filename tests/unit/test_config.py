@@ -92,7 +92,8 @@ class TestRoutes:
             None, routes=[{"match": "1*", "action": "reject"}, {"match": "*", "action": "echo"}]
         )
         route = settings.route_for("123")
-        assert route is not None and route.action == "reject"
+        assert route is not None
+        assert route.action == "reject"
 
 
 class TestExampleDocumentsEverySetting:

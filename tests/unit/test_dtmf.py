@@ -1,7 +1,6 @@
 """RFC 4733 telephone-events: payload format, one report per key press, the sender's packets."""
 
 # Test classes carry RFC section numbers (Section2_5_2), which N801 would reject.
-# ruff: noqa: N801
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """RTP packets (RFC 3550): header fields, parse/serialize round trips, wrap arithmetic, rejects."""
 
 # Test classes carry RFC section numbers (Section5_3_1), which N801 would reject.
-# ruff: noqa: N801
 
 from __future__ import annotations
 

@@ -36,7 +36,8 @@ class TestPacketisationToTicks:
                 out += frame
             now += 0.02
         stats = stream.jitter_stats
-        assert stats.lost == 0 and stats.late == 0
+        assert stats.lost == 0
+        assert stats.late == 0
         # Everything came out in order and whole; after the stream ends, the buffer conceals
         # a bounded stretch with silence (max_conceal_ms), then goes quiet.
         assert bytes(out[: len(expected)]) == expected
@@ -74,7 +75,8 @@ class TestRfc4733RoundTrip:
         audio = [p for p in packets if p.payload_type == PCMU.payload_type]
         ticks_later = packets.index(audio[0]) + 1
         assert audio[0].timestamp - first.timestamp == ticks_later * FRAME_SAMPLES
-        assert first.marker and not audio[0].marker
+        assert first.marker
+        assert not audio[0].marker
 
     def test_no_telephone_event_negotiated(self) -> None:
         assert RtpStream(PCMU, None).queue_dtmf("1") is False

@@ -1,0 +1,106 @@
+"""The composition root: builds the worker's parts once from settings and wires them together.
+
+``Worker`` owns the media pacer, the SIP user agent and the routing of new calls; ``run_forever``
+is what ``aispinner-worker run`` calls. Routes: ``echo`` answers and returns the caller's audio
+(like Asterisk's Echo()), ``reject`` refuses with 403, ``agent`` bridges to a voice agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections import deque
+
+from worker.config import RouteSettings, Settings
+from worker.log import setup_logging
+from worker.pacer import MediaPacer
+from worker.sip.call import SipCall
+from worker.sip.ua import UserAgent
+
+log = logging.getLogger("worker.app")
+
+
+class EchoRoute:
+    """Returns the caller's audio to the caller, frame for frame (bounded to 200 ms)."""
+
+    def __init__(self, call: SipCall) -> None:
+        self._frames: deque[bytes] = deque(maxlen=10)
+        call.on_audio = self._on_audio
+        call.audio_source = self._next
+
+    def _on_audio(self, frame: bytes, now: float) -> None:
+        self._frames.append(frame)
+
+    def _next(self, now: float) -> bytes | None:
+        return self._frames.popleft() if self._frames else None
+
+
+class Worker:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pacer: MediaPacer | None = None
+        self.ua: UserAgent | None = None
+        self.agent_handler: object | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.pacer = MediaPacer(loop)
+        self.ua = UserAgent(self.settings, self.on_incoming, pacer=self.pacer)
+        await self.ua.start()
+
+    async def close(self) -> None:
+        if self.ua is not None:
+            await self.ua.close()
+        if self.pacer is not None:
+            self.pacer.close()
+
+    async def on_incoming(self, call: SipCall) -> None:
+        route = self.settings.route_for(call.to_user)
+        if route is None:  # the UA already answered 404; kept for routes changed at runtime
+            await call.hangup("no-route", 404)
+            return
+        if route.action == "reject":
+            await call.hangup("rejected", 403)
+        elif route.action == "echo":
+            EchoRoute(call)
+            await call.answer()
+        else:
+            await self.bridge_to_agent(call, route)
+
+    async def bridge_to_agent(self, call: SipCall, route: RouteSettings) -> None:
+        call.log.warning("agent routes are not available yet", extra={"route": route.match})
+        await call.hangup("no-agent", 503)
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    worker = Worker(settings)
+    await worker.start()
+    try:
+        await stop.wait()
+    finally:
+        await worker.close()
+
+
+def run_forever(settings: Settings) -> int:
+    """Run until SIGINT or SIGTERM; returns the process exit code."""
+    setup_logging(settings.log.level, settings.log.format)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    runner(main())
+    return 0
