@@ -13,6 +13,8 @@ import logging
 import signal
 from collections import deque
 
+import uvloop
+
 from worker.config import RouteSettings, Settings
 from worker.log import setup_logging
 from worker.pacer import MediaPacer
@@ -87,12 +89,6 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 def run_forever(settings: Settings) -> int:
     """Run until SIGINT or SIGTERM; returns the process exit code."""
     setup_logging(settings.log.level, settings.log.format)
-    try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        runner = asyncio.run
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -102,5 +98,9 @@ def run_forever(settings: Settings) -> int:
                 loop.add_signal_handler(sig, stop.set)
         await serve(settings, stop)
 
-    runner(main())
+    try:
+        uvloop.run(main())
+    except OSError as exc:  # typically the SIP port is taken
+        log.error("cannot start: %s", exc)
+        return 1
     return 0
