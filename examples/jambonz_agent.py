@@ -76,10 +76,7 @@ AUDIO_SUBPROTOCOLS = (Subprotocol("audio.jambonz.org"), Subprotocol("audio.drach
 CONTROL_PATHS = ("/", "/agent")
 LISTEN_PATH = "/listen"
 LISTEN_DONE_HOOK = "/listen-done"
-GREETING = (
-    "Hello, this is the aispinner demo agent. I will repeat what you say one second later. "
-    "Press star to clear, or pound to finish."
-)
+GREETING = "Hello. I repeat what you say, one second later. Press pound to finish."
 GOODBYE_VERBS: list[dict[str, Any]] = [{"verb": "say", "text": "Goodbye"}, {"verb": "hangup"}]
 
 # Messages jambonz sends without waiting for an ack (PROTOCOLS.md §1.3).

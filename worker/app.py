@@ -16,8 +16,12 @@ from collections import deque
 import uvloop
 
 from worker.config import RouteSettings, Settings
+from worker.events.bus import EventBus, JsonlSink
 from worker.log import setup_logging
 from worker.pacer import MediaPacer
+from worker.session.fetch import AudioFetcher
+from worker.session.session import CallSession, SessionResult, SessionServices
+from worker.session.tts import EspeakSynthesizer
 from worker.sip.call import SipCall
 from worker.sip.ua import UserAgent
 
@@ -44,13 +48,29 @@ class Worker:
         self.settings = settings
         self.pacer: MediaPacer | None = None
         self.ua: UserAgent | None = None
-        self.agent_handler: object | None = None
+        self.bus = EventBus()
+        self.sink: JsonlSink | None = None
+        self.services: SessionServices | None = None
+        self.fetcher: AudioFetcher | None = None
+        self.results: list[SessionResult] = []
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.pacer = MediaPacer(loop)
         self.ua = UserAgent(self.settings, self.on_incoming, pacer=self.pacer)
+        self.sink = JsonlSink(self.settings.data_dir / "events.jsonl")
+        self.bus.subscribe(self.sink)
+        prompts = self.settings.data_dir / "prompts"
+        prompts.mkdir(exist_ok=True)
+        self.fetcher = AudioFetcher(allowed_root=prompts)
+        self.services = SessionServices(
+            settings=self.settings,
+            synthesizer=EspeakSynthesizer(),
+            fetcher=self.fetcher,
+            publish=self.bus.publish,
+            place_call=self.ua.place_call,
+        )
         await self.ua.start()
 
     async def close(self) -> None:
@@ -58,6 +78,10 @@ class Worker:
             await self.ua.close()
         if self.pacer is not None:
             self.pacer.close()
+        if self.fetcher is not None:
+            await self.fetcher.aclose()
+        if self.sink is not None:
+            await self.sink.close()
 
     async def on_incoming(self, call: SipCall) -> None:
         route = self.settings.route_for(call.to_user)
@@ -73,8 +97,22 @@ class Worker:
             await self.bridge_to_agent(call, route)
 
     async def bridge_to_agent(self, call: SipCall, route: RouteSettings) -> None:
-        call.log.warning("agent routes are not available yet", extra={"route": route.match})
-        await call.hangup("no-agent", 503)
+        if route.agent_url is None:
+            call.log.error("agent route without agent_url", extra={"route": route.match})
+            await call.hangup("no-agent", 503)
+            return
+        assert self.services is not None
+        session = CallSession(call, route, self.services)
+        result = await session.run()
+        self.results.append(result)
+        call.log.info(
+            "session done",
+            extra={
+                "status": result.status,
+                "duration": result.duration_sec,
+                "digits": result.digits,
+            },
+        )
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:

@@ -174,7 +174,7 @@ class TestJambonzControl:
         assert ack["msgid"] == "auuHioXGktYh2ZFYxf3hAA"
         say, listen = ack["data"]
         assert say["verb"] == "say"
-        assert say["text"].startswith("Hello, this is the aispinner demo agent")
+        assert say["text"] == GREETING
         assert listen == {
             "verb": "listen",
             "url": f"ws://127.0.0.1:{jambonz.port}/listen",

@@ -99,8 +99,11 @@ class SipCall:
         self.answered: asyncio.Future[None] = loop.create_future()
         self.ended: asyncio.Future[CallEnd] = loop.create_future()
         self.answered_at: float | None = None
+        self.ended_at: float | None = None
         self.created_at = loop.time()
         self.on_hold = False
+        self.resumed_at: float | None = None  # when the last hold ended
+        self._timed_out = False
         # SIP bookkeeping the user agent keeps per call:
         self.offer: SessionDescription | None = None  # the SDP offer (theirs inbound, ours out)
         self.destination: Address = remote  # where in-dialog requests of an outbound call go
@@ -112,7 +115,7 @@ class SipCall:
         self.on_dtmf: Callable[[str, int, str], None] | None = None
         self.on_state: Callable[[SipCall], None] | None = None
         self.audio_source: Callable[[float], bytes | None] | None = None
-        self.on_tick_done: Callable[[bytes | None, bytes | None, float], None] | None = None
+        self.on_tick_done: Callable[[bytes | None, bytes, float], None] | None = None
 
     # -- what consumers call -------------------------------------------------------------------
     async def ring(self, early_media: bool = False) -> None:
@@ -150,9 +153,13 @@ class SipCall:
         codec = codec_for_name(media.codec)
         assert codec is not None, media.codec  # negotiate() only picks codecs we support
         self.media = media
+        was_on_hold = self.on_hold
         self.on_hold = media.remote_hold or not media.direction.sends
+        if was_on_hold and not self.on_hold:
+            # No RTP was due during the hold: the inactivity timer starts again from here.
+            self.resumed_at = asyncio.get_running_loop().time()
         if not media.remote_hold:
-            self.endpoint.remote = (media.remote_address, media.remote_port)
+            self.endpoint.set_remote((media.remote_address, media.remote_port))
         if self.stream is None or self.stream.codec is not codec:
             settings = self.ua.settings.rtp
             self.stream = RtpStream(
@@ -193,9 +200,10 @@ class SipCall:
             self._dtmf(late, "rfc4733")
         if frame is not None and self.on_audio is not None:
             self.on_audio(frame, now)
-        out = self.audio_source(now) if self.audio_source is not None else None
+        source = self.audio_source(now) if self.audio_source is not None else None
+        out = source if source is not None else SILENCE
         if not self.on_hold and self.endpoint.remote is not None:
-            self.endpoint.send(stream.send_frame(out if out is not None else SILENCE))
+            self.endpoint.send(stream.send_frame(out))
         else:
             stream.sender.skip(FRAME_SAMPLES)
         if self.on_tick_done is not None:
@@ -205,9 +213,11 @@ class SipCall:
     def _check_inactivity(self, now: float) -> None:
         if self.on_hold:
             return
-        last = self.endpoint.last_received or self.answered_at
+        marks = (self.endpoint.last_received, self.answered_at, self.resumed_at)
+        last = max((mark for mark in marks if mark is not None), default=None)
         timeout = self.ua.settings.rtp.inactivity_timeout_s
-        if last is not None and now - last > timeout:
+        if last is not None and now - last > timeout and not self._timed_out:
+            self._timed_out = True  # hang up once, not on every tick until the BYE is out
             self.log.warning("no RTP from the peer", extra={"seconds": round(now - last, 1)})
             self.ua.spawn(self.hangup("rtp-timeout"))
 
@@ -217,17 +227,43 @@ class SipCall:
             return
         self.state = CallState.ENDED
         self.end = end
+        self.ended_at = asyncio.get_running_loop().time()
         self.ua.release_media(self)
         if not self.answered.done():
             self.answered.set_exception(CallFailedError(end))
             self.answered.exception()
         self.ended.set_result(end)
-        self.log.info(
-            "call ended",
-            extra={"cause": end.cause, "sip_status": end.sip_status, "direction": self.direction},
-        )
+        self.log.info("call ended", extra=self.summary())
         if self.on_state is not None:
             self.on_state(self)
+
+    def summary(self) -> dict[str, object]:
+        """The call's outcome and RTP figures, as logged when it ends (flat, JSON-friendly)."""
+        rtp = self.endpoint.counters
+        out: dict[str, object] = {
+            "direction": self.direction,
+            "cause": self.end.cause if self.end else None,
+            "sip_status": self.end.sip_status if self.end else None,
+            "codec": self.media.codec if self.media else None,
+            "rtp_in": rtp.received,
+            "rtp_out": self.endpoint.endpoint_counters.sent,
+            "rtp_malformed": rtp.malformed,
+            "rtp_foreign": self.endpoint.endpoint_counters.foreign_source,
+            "dtmf": "".join(self.stats.dtmf_received),
+        }
+        if self.answered_at is not None and self.ended_at is not None:
+            out["seconds"] = round(self.ended_at - self.answered_at, 3)
+        if self.stream is not None:
+            jitter = self.stream.jitter_stats
+            out.update(
+                rtp_played=jitter.received,
+                rtp_lost=jitter.lost,
+                rtp_late=jitter.late,
+                rtp_overflow=jitter.overflow_dropped,
+                concealed_ms=round(jitter.concealed_ms, 1),
+                jitter_ms=round(jitter.jitter_ms, 2),
+            )
+        return out
 
 
 class CallFailedError(Exception):

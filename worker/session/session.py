@@ -1,0 +1,909 @@
+"""``CallSession``: one call bridged to one voice agent.
+
+It owns the leg (a ``SipCall``), the call status machine, the media pipeline and recorder, the
+agent connection, and the call's events. The jambonz driver runs the agent's verbs in order
+(``answer``, ``hangup``, ``pause``, ``play``, ``say``, ``gather``, ``listen``/``stream``,
+``dial``, ``dtmf``, ``tag``, ``sip:decline``, ``redirect``, ``config``) and obeys its commands;
+the Twilio driver streams Media Streams messages both ways. When the verbs run out, the call
+is hung up, as jambonz does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from media.g711 import ulaw_decode, ulaw_encode
+from media.playout import MarkReached
+from media.prompts import PromptDecodeError, decode_audio_file
+from media.recorder import StereoMp3Recorder
+from worker.agent import listen_audio as la
+from worker.agent import twilio as tw
+from worker.agent.connection import (
+    AgentConnectError,
+    JambonzConnection,
+    ListenClosed,
+    ListenConnection,
+    TwilioClosed,
+    TwilioConnection,
+)
+from worker.agent.jambonz import (
+    AckReceived,
+    CallStatusCommand,
+    CommandReceived,
+    ConfigCommand,
+    DtmfCommand,
+    HangupRequired,
+    ListenStatusCommand,
+    MuteStatusCommand,
+    RedirectCommand,
+    RedirectHookCommand,
+    SipRequestCommand,
+)
+from worker.agent.verbs import (
+    AnswerVerb,
+    ConfigVerb,
+    DialVerb,
+    DtmfVerb,
+    GatherVerb,
+    HangupVerb,
+    ListenVerb,
+    PauseVerb,
+    PlayVerb,
+    RedirectVerb,
+    SayVerb,
+    SipDeclineVerb,
+    TagVerb,
+    Verb,
+    hook_url,
+)
+from worker.config import RouteSettings, Settings
+from worker.errors import WorkerError
+from worker.events import models as ev
+from worker.session.fetch import AudioFetcher, FetchError
+from worker.session.pipeline import (
+    AgentSink,
+    BeepDetected,
+    InbandDigit,
+    Interruption,
+    MediaPipeline,
+    PipelineEvent,
+)
+from worker.session.status import CallStatus, CallStatusMachine, Event, StatusChange
+from worker.session.tts import SynthesisError, Synthesizer
+from worker.sip.call import CallFailedError, CallState, SipCall
+
+RATE = 8000
+_END_CAUSE_TO_EVENT = {"busy": Event.BUSY, "no-answer": Event.NO_ANSWER, "cancelled": Event.HANGUP}
+
+
+@dataclass
+class SessionServices:
+    """What sessions share: settings, the UA (for ``dial``), synthesizer, fetcher, event sink."""
+
+    settings: Settings
+    synthesizer: Synthesizer
+    fetcher: AudioFetcher
+    publish: Callable[[ev.Event], None]
+    place_call: Callable[..., Any] | None = None
+
+
+@dataclass
+class SessionResult:
+    call_sid: str
+    status: str
+    duration_sec: int
+    digits: str
+    recording: str | None
+    cause: str | None
+    transcript: list[tuple[str, str, float]] = field(default_factory=list)
+
+
+class CallSession:
+    def __init__(self, call: SipCall, route: RouteSettings, services: SessionServices) -> None:
+        self.call = call
+        self.route = route
+        self.services = services
+        self.call_sid = str(uuid.uuid4())
+        self.log = call.log
+        loop = asyncio.get_running_loop()
+        self.loop = loop
+        self.status = CallStatusMachine(loop.time())
+        self.digits: list[str] = []
+        self.customer_data: dict[str, Any] = {}
+        self.transcript: list[tuple[str, str, float]] = []
+        self.recording_path: Path | None = None
+        recorder = None
+        if route.record:
+            folder = services.settings.data_dir / "recordings"
+            folder.mkdir(parents=True, exist_ok=True)
+            self.recording_path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.call_sid}.mp3"
+            recorder = StereoMp3Recorder(self.recording_path, RATE)
+        self.pipeline = MediaPipeline(
+            recorder=recorder,
+            barge_in=route.barge_in,
+            on_event=self._on_pipeline_event,
+            on_marks=self._on_marks,
+        )
+        self.control: JambonzConnection | None = None
+        self.listen: ListenConnection | None = None
+        self.listen_protocol: la.ListenAudioProtocol | None = None
+        self.twilio: TwilioConnection | None = None
+        self._queue: deque[Verb] = deque()
+        self._verb_task: asyncio.Task[None] | None = None
+        self._replaced = False
+        self._dtmf_waiters: list[Callable[[str], None]] = []
+        self._notify_events = False
+        self._listen_done: asyncio.Event | None = None
+        self._sip_status = 100
+        self._sip_reason = "Trying"
+        self._tasks: set[asyncio.Task[Any]] = set()
+        call.on_dtmf = self._on_dtmf
+        call.audio_source = self.pipeline.next_out
+        call.on_tick_done = self.pipeline.after_tick
+        call.on_state = self._on_leg_state
+
+    # -- status and events ---------------------------------------------------------------------
+    def _feed(self, event: Event) -> StatusChange | None:
+        change = self.status.feed(event, self.loop.time())
+        if change is None:
+            return None
+        self.log.info("call status", extra={"status": str(change.new)})
+        self.services.publish(
+            ev.CallStatusEvent(
+                call_id=self.call_sid, status=change.new.value, sip_status=self._sip_status
+            )
+        )
+        if self.control is not None:
+            duration = self.status.duration(self.loop.time()) if change.new.terminal else None
+            info = self.call_info()
+            with contextlib.suppress(WorkerError):
+                self.control.call_status(
+                    info, duration if change.new is CallStatus.COMPLETED else None
+                )
+        return change
+
+    def _on_leg_state(self, call: SipCall) -> None:
+        if call.state is CallState.RINGING:
+            self._sip_status, self._sip_reason = 180, "Ringing"
+            self._feed(Event.RING)
+        elif call.state is CallState.EARLY_MEDIA:
+            self._sip_status, self._sip_reason = 183, "Session Progress"
+            self._feed(Event.EARLY_MEDIA)
+        elif call.state is CallState.ANSWERED:
+            self._sip_status, self._sip_reason = 200, "OK"
+            self._feed(Event.ANSWER)
+
+    def call_info(self) -> dict[str, Any]:
+        """jambonz CallInfo (snake_case), as in ``call:status`` and ``verb:hook``."""
+        call = self.call
+        info: dict[str, Any] = {
+            "call_sid": self.call_sid,
+            "direction": call.direction,
+            "from": call.from_user,
+            "to": call.to_user,
+            "call_id": call.call_id,
+            "sbc_callid": call.call_id,
+            "sip_status": self._sip_status,
+            "sip_reason": self._sip_reason,
+            "call_status": self.status.status.value,
+            "caller_id": call.from_user,
+            "account_sid": self.route.custom_parameters.get("account_sid", "aispinner"),
+            "application_sid": self.route.custom_parameters.get(
+                "application_sid", self.route.match
+            ),
+            "trace_id": self.call_sid.replace("-", ""),
+            "fs_sip_address": f"{self.services.settings.sip.host}:{call.ua.port}",
+            "originating_sip_ip": call.remote[0],
+        }
+        if self.customer_data:
+            info["customerData"] = self.customer_data
+        return info
+
+    def session_new_data(self) -> dict[str, Any]:
+        info = self.call_info()
+        info.pop("fs_sip_address")
+        info["caller_name"] = self.call.caller_name
+        info["local_sip_address"] = f"{self.services.settings.sip.host}:{self.call.ua.port}"
+        info["has_recording"] = self.recording_path is not None
+        info["service_provider_sid"] = "aispinner"
+        invite = self.call.invite
+        if invite is not None:
+            headers: dict[str, str] = {}
+            for name, value in invite.headers.items():
+                headers.setdefault(name.lower() if name in _LOWER else name, value)
+            info["sip"] = {
+                "headers": headers,
+                "raw": invite.serialize().decode("utf-8", "replace"),
+                "body": invite.body.decode("utf-8", "replace"),
+                "method": invite.method,
+                "version": "2.0",
+                "uri": str(invite.uri),
+                "payload": [
+                    {
+                        "type": invite.content_type or "",
+                        "content": invite.body.decode("utf-8", "replace"),
+                    }
+                ]
+                if invite.body
+                else [],
+            }
+        info["defaults"] = {
+            "synthesizer": {"vendor": "espeak-ng", "language": "en-US", "voice": "en-us"},
+            "recognizer": {"vendor": "none", "language": "en-US"},
+        }
+        info["env_vars"] = dict(self.route.custom_parameters)
+        return info
+
+    # -- the run -------------------------------------------------------------------------------
+    async def run(self) -> SessionResult:
+        """Drive the call from arrival to the end; returns its summary."""
+        self.services.publish(
+            ev.CallStartedEvent(
+                call_id=self.call_sid,
+                direction=self.call.direction,
+                from_=self.call.from_user,
+                to=self.call.to_user,
+                route=self.route.match,
+            )
+        )
+        ended = asyncio.ensure_future(self.call.ended)
+        driver = asyncio.ensure_future(
+            self._run_twilio() if self.route.protocol == "twilio" else self._run_jambonz()
+        )
+        try:
+            waiting: set[asyncio.Future[Any]] = {ended, driver}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if driver.done() and not driver.cancelled() and driver.exception() is not None:
+                self.log.error("agent driver failed", exc_info=driver.exception())
+            if not self.call.is_ended:
+                await self.call.hangup(
+                    "agent-finished" if self.status.answered_at else "agent-failed", 480
+                )
+            end = await ended
+        finally:
+            if not driver.done():
+                driver.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await driver
+            await self._finish()
+        if self.status.status is CallStatus.IN_PROGRESS:
+            self._feed(Event.HANGUP)
+        elif not self.status.status.terminal:
+            self._feed(_END_CAUSE_TO_EVENT.get(end.cause, _event_for_status(end.sip_status)))
+        duration = self.status.duration(self.loop.time())
+        result = SessionResult(
+            call_sid=self.call_sid,
+            status=self.status.status.value,
+            duration_sec=duration,
+            digits="".join(self.digits),
+            recording=str(self.recording_path) if self.recording_path else None,
+            cause=end.cause,
+            transcript=list(self.transcript),
+        )
+        self.services.publish(
+            ev.CallDoneEvent(
+                call_id=self.call_sid,
+                status=result.status,
+                duration_sec=duration,
+                recording_path=result.recording,
+                cause=end.cause,
+            )
+        )
+        if self.control is not None:
+            await self.control.close()
+        return result
+
+    async def _finish(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self.listen is not None:
+            with contextlib.suppress(Exception):
+                await self.listen.close(graceful=True)
+        if self.twilio is not None:
+            with contextlib.suppress(Exception):
+                await self.twilio.close()
+        self.pipeline.close()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- DTMF, marks, pipeline events -----------------------------------------------------------
+    def _on_dtmf(self, digit: str, duration_ms: int, method: str) -> None:
+        self.digits.append(digit)
+        self.services.publish(
+            ev.CallDtmfEvent(
+                call_id=self.call_sid, digit=digit, duration_ms=duration_ms, method=method
+            )
+        )
+        for waiter in list(self._dtmf_waiters):
+            waiter(digit)
+        if self.listen is not None and self.listen_protocol is not None:
+            text = self.listen_protocol.dtmf_message(digit, duration_ms)
+            if text is not None:
+                self.listen.send_text(text)
+        if self.twilio is not None:
+            msg = self.twilio.stream.dtmf(digit)
+            if msg is not None:
+                self.twilio.send_text(msg)
+
+    def _on_pipeline_event(self, event: PipelineEvent) -> None:
+        if isinstance(event, Interruption):
+            self.services.publish(ev.CallInterruptionEvent(call_id=self.call_sid))
+            self._report_cleared(event.cleared_marks)
+        elif isinstance(event, BeepDetected):
+            self.services.publish(
+                ev.CallVoicemailDetectedEvent(call_id=self.call_sid, beep_hz=event.frequency)
+            )
+        elif isinstance(event, InbandDigit):
+            self._on_dtmf(event.digit, 100, "inband")
+
+    def _on_marks(self, reached: list[MarkReached]) -> None:
+        for mark in reached:
+            if self.listen is not None and self.listen_protocol is not None:
+                self.listen.send_text(self.listen_protocol.mark_event(mark.name, "playout"))
+            elif self.twilio is not None:
+                self.twilio.send_text(self.twilio.stream.mark(mark.name))
+
+    def _report_cleared(self, names: tuple[str, ...] | list[str]) -> None:
+        for name in names:
+            if self.listen is not None and self.listen_protocol is not None:
+                self.listen.send_text(self.listen_protocol.mark_event(name, "cleared"))
+            elif self.twilio is not None:
+                self.twilio.send_text(self.twilio.stream.mark(name))
+
+    # ==========================================================================================
+    # jambonz
+    async def _run_jambonz(self) -> None:
+        url = self.route.agent_url
+        assert url is not None
+        self.control = JambonzConnection(
+            url,
+            self.call_sid,
+            username=self.route.username,
+            password=self.route.password,
+            on_event=self._on_control_event,
+            logger=self.log,
+        )
+        try:
+            await self.control.connect()
+        except AgentConnectError as exc:
+            self.log.warning("agent unreachable", extra={"why": str(exc)})
+            self._feed(Event.FAIL)
+            await self.call.hangup("agent-unreachable", 480)
+            return
+        ack = await self.control.session_new(self.session_new_data())
+        if not isinstance(ack, AckReceived):
+            self.log.warning("agent did not ack session:new", extra={"outcome": type(ack).__name__})
+            self._feed(Event.FAIL)
+            await self.call.hangup("agent-no-ack", 480)
+            return
+        if self.call.state is CallState.INCOMING:
+            await self.call.ring()
+        self._queue = deque(ack.verbs or ())
+        await self._execute()
+
+    async def _execute(self) -> None:
+        while self._queue and not self.call.is_ended:
+            verb = self._queue.popleft()
+            self._replaced = False
+            task = self.loop.create_task(self._run_verb(verb))
+            self._verb_task = task
+            await asyncio.wait({task})
+            self._verb_task = None
+            if task.cancelled():
+                if self._replaced:
+                    continue
+                return
+            exc = task.exception()
+            if exc is not None:
+                self.log.error("verb failed", extra={"verb": verb.verb}, exc_info=exc)
+                self._verb_error(str(exc), verb)
+        if not self.call.is_ended:
+            self.log.info("no more verbs: hanging up")
+
+    def _replace_verbs(self, verbs: list[Verb] | tuple[Verb, ...], queue: bool) -> None:
+        if queue:
+            self._queue.extend(verbs)
+            return
+        self._queue = deque(verbs)
+        if self._verb_task is not None and not self._verb_task.done():
+            self._replaced = True
+            self._verb_task.cancel()
+        elif self._verb_task is None and not self.call.is_ended and self.control is not None:
+            self._spawn(self._execute())
+
+    def _verb_error(self, error: str, verb: Verb) -> None:
+        if self.control is not None:
+            with contextlib.suppress(WorkerError):
+                self.control.verb_error(error, verb=verb.verb, verb_id=verb.id)
+
+    async def _hook(self, hook: Any, results: dict[str, Any], verb: Verb) -> bool:
+        """Send an actionHook; True when its ack brought verbs that replace the rest."""
+        if hook is None or self.control is None or self.call.is_ended:
+            return False
+        ack = await self.control.verb_hook(
+            hook_url(hook), self.call_info(), results, verb_id=verb.id
+        )
+        if isinstance(ack, AckReceived) and ack.verbs:
+            self._queue = deque(ack.verbs)
+            return True
+        return False
+
+    async def _run_verb(self, verb: Verb) -> None:
+        if self._notify_events and self.control is not None:
+            self.control.verb_status("starting", verb=verb.verb, verb_id=verb.id)
+        try:
+            await self._dispatch(verb)
+        finally:
+            if self._notify_events and self.control is not None and not self.call.is_ended:
+                self.control.verb_status("finished", verb=verb.verb, verb_id=verb.id)
+
+    async def _dispatch(self, verb: Verb) -> None:
+        if isinstance(verb, AnswerVerb):
+            await self._ensure_answered()
+        elif isinstance(verb, HangupVerb):
+            await self.call.hangup("agent-hangup", 480)
+        elif isinstance(verb, PauseVerb):
+            await asyncio.sleep(verb.length)
+        elif isinstance(verb, SayVerb):
+            await self._say(verb)
+        elif isinstance(verb, PlayVerb):
+            await self._play(verb)
+        elif isinstance(verb, GatherVerb):
+            await self._gather(verb)
+        elif isinstance(verb, ListenVerb):
+            await self._listen(verb)
+        elif isinstance(verb, DialVerb):
+            await self._dial(verb)
+        elif isinstance(verb, DtmfVerb):
+            await self._send_dtmf(verb.dtmf, verb.duration)
+        elif isinstance(verb, TagVerb):
+            self.customer_data = dict(verb.data)
+        elif isinstance(verb, SipDeclineVerb):
+            await self._decline(verb)
+        elif isinstance(verb, RedirectVerb):
+            await self._hook(verb.action_hook, {}, verb)
+        elif isinstance(verb, ConfigVerb):
+            self._apply_config(verb.to_wire())
+
+    async def _ensure_answered(self) -> None:
+        if self.call.state not in (CallState.ANSWERED, CallState.ENDED):
+            await self.call.answer()
+
+    def _apply_config(self, data: dict[str, Any]) -> None:
+        if "notifyEvents" in data:
+            self._notify_events = bool(data["notifyEvents"])
+            if self.control is not None:
+                self.control.notify_events = self._notify_events
+
+    # -- prompts -------------------------------------------------------------------------------
+    async def _play_pcm(self, pcm: bytes) -> bool:
+        done: asyncio.Future[bool] = self.loop.create_future()
+
+        def finished(completed: bool) -> None:
+            if not done.done():
+                done.set_result(completed)
+
+        self.pipeline.play(pcm, finished)
+        try:
+            return await done
+        except asyncio.CancelledError:
+            self.pipeline.clear()
+            raise
+
+    async def _say(self, verb: SayVerb) -> None:
+        if not verb.early_media:
+            await self._ensure_answered()
+        synth = verb.synthesizer
+        language = synth.language if synth else None
+        voice = synth.voice if synth and isinstance(synth.voice, str) else None
+        loops = 1 if verb.loop == "forever" else max(1, int(verb.loop))
+        for _ in range(loops if verb.loop != "forever" else 1000):
+            for text in verb.texts:
+                try:
+                    pcm = await self.services.synthesizer.synthesize(
+                        text, language=language, voice=voice, sample_rate=RATE
+                    )
+                except SynthesisError as exc:
+                    self._verb_error(str(exc), verb)
+                    return
+                if not await self._play_pcm(pcm):
+                    return
+                self.transcript.append(("agent", text, self._in_call()))
+                self.services.publish(
+                    ev.CallTranscriptEvent(
+                        call_id=self.call_sid, role="agent", text=text, at_sec=self._in_call()
+                    )
+                )
+
+    async def _play(self, verb: PlayVerb) -> None:
+        if not verb.early_media:
+            await self._ensure_answered()
+        loops = 1000 if verb.loop == "forever" else max(1, int(verb.loop))
+        started = self.loop.time()
+        completed = True
+        for _ in range(loops):
+            for url in verb.urls:
+                try:
+                    pcm = await self.services.fetcher.fetch(url, RATE)
+                except FetchError as exc:
+                    self._verb_error(str(exc), verb)
+                    await self._hook(
+                        verb.action_hook, {"reason": "playFailed", "error": str(exc)}, verb
+                    )
+                    return
+                if not await self._play_pcm(pcm):
+                    completed = False
+                    break
+        elapsed = self.loop.time() - started
+        await self._hook(
+            verb.action_hook,
+            {
+                "reason": "playCompleted" if completed else "playInterrupted",
+                "playback_seconds": int(elapsed),
+                "playback_milliseconds": int(elapsed * 1000),
+            },
+            verb,
+        )
+
+    # -- gather --------------------------------------------------------------------------------
+    async def _gather(self, verb: GatherVerb) -> None:
+        if "speech" in verb.input:
+            self._verb_error("speech input needs a recognizer; none is configured", verb)
+            if "digits" not in verb.input:
+                await self._hook(
+                    verb.action_hook, {"reason": "error", "error": "no recognizer"}, verb
+                )
+                return
+        await self._ensure_answered()
+        digits: list[str] = []
+        got: asyncio.Queue[str] = asyncio.Queue()
+        self._dtmf_waiters.append(got.put_nowait)
+        prompt_task: asyncio.Task[None] | None = None
+        try:
+            prompt = verb.say or verb.play
+            if prompt is not None:
+                prompt_task = self.loop.create_task(
+                    self._say(prompt) if isinstance(prompt, SayVerb) else self._play(prompt)
+                )
+            max_digits = verb.num_digits or verb.max_digits or 99
+            finish = verb.finish_on_key
+            timeout = 5.0 if verb.timeout is None else verb.timeout
+            inter = verb.inter_digit_timeout or timeout
+            reason = "timeout"
+            if prompt_task is not None:
+                first = self.loop.create_task(got.get())
+                await asyncio.wait({prompt_task, first}, return_when=asyncio.FIRST_COMPLETED)
+                if first.done():
+                    prompt_task.cancel()  # DTMF barge-in
+                    pending = first.result()
+                else:
+                    first.cancel()
+                    pending = None
+            else:
+                pending = None
+            while True:
+                if pending is None:
+                    try:
+                        pending = await asyncio.wait_for(got.get(), inter if digits else timeout)
+                    except TimeoutError:
+                        break
+                digit, pending = pending, None
+                if finish and digit == finish:
+                    reason = "dtmfDetected"
+                    break
+                digits.append(digit)
+                if len(digits) >= max_digits:
+                    reason = "dtmfDetected"
+                    break
+            if digits and reason == "timeout" and verb.min_digits is None:
+                reason = "dtmfDetected" if verb.num_digits is None else "timeout"
+        finally:
+            if got.put_nowait in self._dtmf_waiters:
+                self._dtmf_waiters.remove(got.put_nowait)
+            if prompt_task is not None and not prompt_task.done():
+                prompt_task.cancel()
+        await self._hook(verb.action_hook, {"digits": "".join(digits), "reason": reason}, verb)
+
+    # -- listen / stream -----------------------------------------------------------------------
+    async def _listen(self, verb: ListenVerb) -> None:
+        if not verb.early_media:
+            await self._ensure_answered()
+        protocol = la.ListenAudioProtocol.from_verb(verb)
+        info = self.call_info()
+        metadata = protocol.metadata_message(info, verb.metadata)
+        done = asyncio.Event()
+        self._listen_done = done
+        result: dict[str, Any] = {}
+        return_rate = verb.return_sample_rate
+
+        def on_event(event: Any) -> None:
+            if isinstance(event, la.AudioReceived):
+                self.pipeline.agent_audio(event.audio, return_rate)
+            elif isinstance(event, la.PlayAudio):
+                self._spawn(self._play_audio(event, protocol))
+            elif isinstance(event, la.KillAudio):
+                self._report_cleared(self.pipeline.clear())
+            elif isinstance(event, la.Mark):
+                try:
+                    self.pipeline.mark(event.name)
+                except ValueError as exc:
+                    self.log.info("bad mark", extra={"why": str(exc)})
+            elif isinstance(event, la.ClearMarks):
+                self.pipeline.playout.forget_marks()
+            elif isinstance(event, la.Disconnect):
+                result["reason"] = "disconnect"
+                done.set()
+            elif isinstance(event, la.Transcription):
+                self.transcript.append((event.role or "agent", event.text, self._in_call()))
+                self.services.publish(
+                    ev.CallTranscriptEvent(
+                        call_id=self.call_sid,
+                        role=event.role or "agent",
+                        text=event.text,
+                        at_sec=self._in_call(),
+                    )
+                )
+            elif isinstance(event, ListenClosed):
+                result.setdefault("reason", "socket-closed")
+                done.set()
+
+        auth = verb.ws_auth
+        connection = ListenConnection(
+            verb.url,
+            protocol,
+            metadata,
+            username=auth.username if auth else None,
+            password=auth.password if auth else None,
+            on_event=on_event,
+            logger=self.log,
+        )
+        try:
+            await connection.connect()
+        except AgentConnectError as exc:
+            self._verb_error(str(exc), verb)
+            await self._hook(
+                verb.action_hook, {"reason": "connect-failed", "error": str(exc)}, verb
+            )
+            return
+        self.listen, self.listen_protocol = connection, protocol
+        self.pipeline.sink = AgentSink(connection.send_audio, protocol.sample_rate, verb.mix_type)
+        started = self.loop.time()
+        digits: list[str] = []
+        finish = set(verb.finish_on_key or "")
+
+        def on_digit(digit: str) -> None:
+            if digit in finish:
+                digits.append(digit)
+                result["reason"] = "finishOnKey"
+                done.set()
+
+        self._dtmf_waiters.append(on_digit)
+        try:
+            try:
+                await asyncio.wait_for(done.wait(), verb.max_length)
+            except TimeoutError:
+                result["reason"] = "maxLength"
+        finally:
+            self._dtmf_waiters.remove(on_digit)
+            self.pipeline.sink = None
+            self.listen = None
+            self._listen_done = None
+            await connection.close(graceful=True)
+        results = {"digits": "".join(digits), "dialCallDuration": int(self.loop.time() - started)}
+        await self._hook(verb.action_hook, results, verb)
+
+    async def _play_audio(self, event: la.PlayAudio, protocol: la.ListenAudioProtocol) -> None:
+        try:
+            if event.content_type == "raw":
+                pcm = event.audio
+                rate = event.sample_rate or 16000
+                if rate != RATE:
+                    from media.resample import Resampler
+
+                    r = Resampler(rate, RATE)
+                    pcm = r.process(pcm) + r.flush()
+            else:
+                pcm = await asyncio.to_thread(decode_audio_file, event.audio, RATE)
+        except PromptDecodeError as exc:
+            self.log.info("playAudio undecodable", extra={"why": str(exc)})
+            return
+        if not event.queue_play:
+            self.pipeline.clear()
+        await self._play_pcm(pcm)
+        if self.listen is not None:
+            self.listen.send_text(protocol.play_done(event.play_id, {}))
+
+    # -- dial, dtmf, decline -------------------------------------------------------------------
+    async def _dial(self, verb: DialVerb) -> None:
+        place = self.services.place_call
+        target = verb.target[0]
+        trunk = target.trunk or self.route.trunk
+        if place is None or trunk is None or target.number is None:
+            self._verb_error(
+                "dial needs a phone target and a trunk (route.trunk or target.trunk)", verb
+            )
+            await self._hook(verb.action_hook, {"dial_call_status": "failed"}, verb)
+            return
+        if not verb.answer_on_bridge:
+            await self._ensure_answered()
+        started = self.loop.time()
+        try:
+            other: SipCall = await place(
+                trunk,
+                target.number,
+                from_user=verb.caller_id or self.call.from_user,
+                ring_timeout_s=float(verb.timeout or 60),
+            )
+        except WorkerError as exc:
+            self._verb_error(str(exc), verb)
+            await self._hook(verb.action_hook, {"dial_call_status": "failed"}, verb)
+            return
+        try:
+            await other.answered
+        except CallFailedError as exc:
+            status = {"busy": "busy", "no-answer": "no-answer"}.get(exc.end.cause, "failed")
+            await self._hook(
+                verb.action_hook,
+                {"dial_call_status": status, "dial_sip_status": exc.end.sip_status or 0},
+                verb,
+            )
+            return
+        except asyncio.CancelledError:
+            await other.hangup("cancelled")
+            raise
+        await self._ensure_answered()
+        answered = self.loop.time()
+        # Bridge: the dialled party's audio plays to the caller; the caller's goes to them.
+        to_other: deque[bytes] = deque(maxlen=10)
+        other.audio_source = lambda now: to_other.popleft() if to_other else None
+        other.on_audio = lambda frame, now: self.pipeline.agent_audio(frame, RATE)
+        previous_sink = self.pipeline.sink
+        self.pipeline.sink = AgentSink(to_other.append, RATE)
+        try:
+            limit = float(verb.time_limit) if verb.time_limit else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(other.ended), limit)
+        finally:
+            self.pipeline.sink = previous_sink
+            if not other.is_ended:
+                await other.hangup("bridge-ended")
+        await self._hook(
+            verb.action_hook,
+            {
+                "dial_call_status": "completed",
+                "dial_sip_status": 200,
+                "dial_call_duration": int(self.loop.time() - answered),
+                "duration": int(self.loop.time() - started),
+            },
+            verb,
+        )
+
+    async def _send_dtmf(self, digits: str, duration_ms: int) -> None:
+        for digit in digits:
+            if digit in ("w", "W"):
+                await asyncio.sleep(0.5)
+                continue
+            self.call.send_dtmf(digit, min(duration_ms, 8000))
+            await asyncio.sleep(duration_ms / 1000 + 0.1)
+
+    async def _decline(self, verb: SipDeclineVerb) -> None:
+        if self.call.state is CallState.ANSWERED:
+            self._verb_error("sip:decline on an answered call", verb)
+            return
+        self._sip_status, self._sip_reason = verb.status, verb.reason or ""
+        event = _event_for_status(verb.status)
+        self._feed(event)
+        await self.call.hangup("declined", verb.status)
+
+    # -- commands ------------------------------------------------------------------------------
+    def _on_control_event(self, event: Any) -> None:
+        if isinstance(event, CommandReceived):
+            self._command(event.command)
+        elif isinstance(event, HangupRequired):
+            self.log.warning("agent connection lost for good", extra={"why": event.reason})
+            self._spawn(self.call.hangup("agent-lost", 480))
+
+    def _command(self, command: Any) -> None:
+        if isinstance(command, RedirectCommand):
+            self._replace_verbs(command.verbs, command.queue_command)
+        elif isinstance(command, RedirectHookCommand):
+            self.log.info("redirect to a new hook is not supported")
+        elif isinstance(command, CallStatusCommand):
+            # jambonz: "no-answer" rejects an unanswered inbound call with 503.
+            status = 503 if command.call_status == "no-answer" else 480
+            self._spawn(self.call.hangup("agent-hangup", status))
+        elif isinstance(command, ListenStatusCommand):
+            if self.pipeline.sink is not None:
+                self.pipeline.sink.paused = command.status == "pause"
+        elif isinstance(command, MuteStatusCommand):
+            self.pipeline.muted = command.mute
+        elif isinstance(command, DtmfCommand):
+            self.call.send_dtmf(command.digit, command.duration)
+        elif isinstance(command, SipRequestCommand):
+            sender = getattr(self.call, "send_request", None)
+            if sender is not None:
+                sender(command.method, command.content_type, command.content, command.headers)
+        elif isinstance(command, ConfigCommand):
+            self._apply_config(command.config.to_wire())
+
+    # ==========================================================================================
+    # Twilio Media Streams
+    async def _run_twilio(self) -> None:
+        url = self.route.agent_url
+        assert url is not None
+        await self._ensure_answered()
+        stream = tw.TwilioStream(
+            stream_sid="MZ" + uuid.uuid4().hex,
+            call_sid="CA" + self.call_sid.replace("-", ""),
+            account_sid=self.route.custom_parameters.get("account_sid", "AC" + "0" * 32),
+            custom_parameters=dict(self.route.custom_parameters),
+        )
+        closed = asyncio.Event()
+
+        def on_event(event: Any) -> None:
+            if isinstance(event, tw.MediaReceived):
+                self.pipeline.agent_audio(ulaw_decode(event.ulaw), RATE)
+            elif isinstance(event, tw.MarkRequested):
+                with contextlib.suppress(ValueError):
+                    self.pipeline.mark(event.name)
+            elif isinstance(event, tw.Clear):
+                self._report_cleared(self.pipeline.clear())
+            elif isinstance(event, TwilioClosed):
+                closed.set()
+
+        connection = TwilioConnection(url, stream, on_event=on_event, logger=self.log)
+        try:
+            await connection.connect()
+        except AgentConnectError as exc:
+            self.log.warning("agent unreachable", extra={"why": str(exc)})
+            await self.call.hangup("agent-unreachable")
+            return
+        self.twilio = connection
+        self.pipeline.sink = AgentSink(lambda pcm: connection.send_media(ulaw_encode(pcm)), RATE)
+        await closed.wait()  # the agent ends the stream by closing the socket
+        self.pipeline.sink = None
+
+    def _in_call(self) -> float:
+        answered = self.status.answered_at
+        return round(self.loop.time() - answered, 2) if answered is not None else 0.0
+
+
+_LOWER = frozenset(
+    {
+        "From",
+        "To",
+        "Call-ID",
+        "CSeq",
+        "Via",
+        "Contact",
+        "Content-Type",
+        "Content-Length",
+        "Max-Forwards",
+        "User-Agent",
+        "Allow",
+        "Supported",
+    }
+)
+
+
+def _event_for_status(status: int | None) -> Event:
+    if status in (486, 600):
+        return Event.BUSY
+    if status in (408, 480, 487):
+        return Event.NO_ANSWER
+    return Event.FAIL
+
+
+__all__ = ["CallSession", "SessionResult", "SessionServices"]
