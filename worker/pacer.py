@@ -58,6 +58,8 @@ class MediaPacer:
             self._deadline += behind * TICK_S
         tick_time = self._deadline
         for key, tick in list(self._callbacks.items()):
+            if key not in self._callbacks:
+                continue  # removed by an earlier callback of this tick
             try:
                 tick(tick_time)
             except Exception as exc:

@@ -3,7 +3,9 @@ datagram endpoint per leg with symmetric RTP (latch on the first valid source).
 
 The endpoint only moves bytes: it parses with ``media.rtp`` (counting, never raising), latches,
 and hands packets to the leg's callback with the loop's ``now``. Sending goes to the latched
-source once there is one, else to the address from the SDP.
+source once there is one, else to the address from the SDP. When a new SDP moves the peer's
+media elsewhere (RFC 3264 §8.3.1) the latch is learnt again, and the former source can no longer
+win it: its last packets in flight are still taken, but sending follows the new address.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class RtpEndpoint(asyncio.DatagramProtocol):
         self._transport: asyncio.DatagramTransport | None = None
         self.remote: Address | None = None
         self.latched: Address | None = None
+        self._former: Address | None = None  # latched before the peer's media moved
         self.counters = RtpCounters()
         self.endpoint_counters = EndpointCounters()
         self.last_received: float | None = None
@@ -82,16 +85,27 @@ class RtpEndpoint(asyncio.DatagramProtocol):
         sockname = transport.get_extra_info("sockname")
         self.local = (sockname[0], sockname[1])
 
+    def set_remote(self, remote: Address) -> None:
+        """Send to ``remote`` (the address of the peer's SDP). If it differs from the address
+        the peer gave before, the peer's media moved: forget the latched source."""
+        if remote == self.remote:
+            return
+        if self.remote is not None and self.latched is not None:
+            self._former = self.latched
+            self.latched = None
+        self.remote = remote
+
     def datagram_received(self, data: bytes, addr: Address) -> None:
         latched = self.latched
-        if latched is not None and (addr[0], addr[1]) != latched:
+        source = (addr[0], addr[1])
+        if latched is not None and source != latched:
             self.endpoint_counters.foreign_source += 1
             return
         packet = parse_or_count(data, self.counters)
         if packet is None:
             return
-        if latched is None:
-            self.latched = (addr[0], addr[1])
+        if latched is None and source != self._former:
+            self.latched = source
         now = self._loop.time()
         self.last_received = now
         self._on_packet(packet, now)

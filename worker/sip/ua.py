@@ -501,6 +501,7 @@ class UserAgent:
                 lambda p, now: call.rtp_received(p, now) if call else None
             )
         except Exception:
+            log.exception("no RTP port for an incoming call", extra={"call_id": request.call_id})
             self._pending_invites.pop(tid, None)
             self._respond(request, 503, "No Media Port")
             self._pump()
