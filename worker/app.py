@@ -96,11 +96,23 @@ class Worker:
         else:
             await self.bridge_to_agent(call, route)
 
+    async def originate(
+        self, trunk: str, number: str, route: RouteSettings, *, from_user: str | None = None
+    ) -> SessionResult:
+        """Place a call through ``trunk`` and, once answered, bridge it to the route's agent.
+        Returns when the call has ended (unanswered calls end as busy, no-answer or failed)."""
+        assert self.ua is not None
+        call = await self.ua.place_call(trunk, number, from_user=from_user)
+        return await self._run_session(call, route)
+
     async def bridge_to_agent(self, call: SipCall, route: RouteSettings) -> None:
         if route.agent_url is None:
             call.log.error("agent route without agent_url", extra={"route": route.match})
             await call.hangup("no-agent", 503)
             return
+        await self._run_session(call, route)
+
+    async def _run_session(self, call: SipCall, route: RouteSettings) -> SessionResult:
         assert self.services is not None
         session = CallSession(call, route, self.services)
         result = await session.run()
@@ -113,6 +125,7 @@ class Worker:
                 "digits": result.digits,
             },
         )
+        return result
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:

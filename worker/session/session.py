@@ -255,9 +255,7 @@ class CallSession:
             )
         )
         ended = asyncio.ensure_future(self.call.ended)
-        driver = asyncio.ensure_future(
-            self._run_twilio() if self.route.protocol == "twilio" else self._run_jambonz()
-        )
+        driver = asyncio.ensure_future(self._drive())
         try:
             waiting: set[asyncio.Future[Any]] = {ended, driver}
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
@@ -300,6 +298,19 @@ class CallSession:
         if self.control is not None:
             await self.control.close()
         return result
+
+    async def _drive(self) -> None:
+        if self.call.direction == "outbound":
+            # An originated call meets its agent once answered (jambonz sends session:new for
+            # REST-originated calls after the answer).
+            try:
+                await self.call.answered
+            except CallFailedError:
+                return
+        if self.route.protocol == "twilio":
+            await self._run_twilio()
+        else:
+            await self._run_jambonz()
 
     async def _finish(self) -> None:
         for task in list(self._tasks):
