@@ -1,37 +1,54 @@
-"""Drive the real SIPp (Debian ``sip-tester``) from tests: loopback only, explicit ports, a
-bounded run time, trace files read back for failure reasons, and the process always reaped."""
+"""Drive the real SIPp (Debian ``sip-tester``) from tests and benches: loopback only, explicit
+ports, a bounded run time, trace files read back for failure reasons, and the process always
+reaped (``async with Sipp(...)`` kills it on the way out, whatever happened)."""
 
 from __future__ import annotations
 
 import asyncio
+import csv
 import os
 import shutil
 import socket
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
 
 SIPP_SHARE = Path("/usr/share/sip-tester")
+SCENARIOS = Path(__file__).parent / "integration" / "scenarios"
 
 
-def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> int:
-    """A port that is free for both UDP and TCP right now (even, so RTP+1 fits too)."""
+def _bindable(host: str, port: int) -> bool:
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        try:
+            with socket.socket(socket.AF_INET, kind) as probe:
+                probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1", *, span: int = 2) -> int:
+    """An even port that is free for both UDP and TCP right now, with the ``span - 1`` ports
+    above it free too (2: RTP and RTCP; 4: SIPp's ``-rtp_echo``, which also takes port + 2)."""
     for _ in range(200):
         with socket.socket(socket.AF_INET, kind) as s:
             s.bind((host, 0))
             port = int(s.getsockname()[1])
-        if port % 2 or port > 65000:
+        if port % 2 or port + span > 65000:
             continue
-        try:
-            for k in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-                with socket.socket(socket.AF_INET, k) as probe:
-                    probe.bind((host, port))
-                with socket.socket(socket.AF_INET, k) as probe:
-                    probe.bind((host, port + 1))
-        except OSError:
-            continue
-        return port
+        if all(_bindable(host, p) for p in range(port, port + span)):
+            return port
     raise RuntimeError("no free port found")
+
+
+def port_in_use(port: int, kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, kind) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 @dataclass
@@ -41,26 +58,45 @@ class SippResult:
     stderr: str
     errors: str
     messages: str
-    stats: str = ""
+    stats: dict[str, str] = field(default_factory=dict)
+    """The last row of SIPp's ``-trace_stat`` file (column name -> value)."""
 
     def explain(self) -> str:
         return (
-            f"sipp exited {self.returncode}\n--- stderr\n{self.stderr[-3000:]}\n"
+            f"sipp exited {self.returncode}\n--- stdout\n{self.stdout[-2500:]}\n"
+            f"--- stderr\n{self.stderr[-3000:]}\n"
             f"--- errors\n{self.errors[-3000:]}\n--- messages\n{self.messages[-6000:]}"
         )
+
+    def stat(self, name: str) -> int:
+        """A cumulative counter of the stats file, e.g. ``stat("SuccessfulCall")``."""
+        return int(self.stats[f"{name}(C)"])
+
+    def received(self, start_line: str) -> list[str]:
+        """The messages SIPp received whose first line starts with ``start_line``."""
+        return [m for m in _traced(self.messages, "received") if m.startswith(start_line)]
+
+    def sent(self, start_line: str) -> list[str]:
+        """The messages SIPp sent whose first line starts with ``start_line``."""
+        return [m for m in _traced(self.messages, "sent") if m.startswith(start_line)]
 
 
 @dataclass
 class Sipp:
-    """One SIPp process. ``args`` are extra arguments (scenario, -m, -r, ...)."""
+    """One SIPp process. ``args`` are extra arguments (scenario, -m, -r, ...).
+
+    ``timeout_s`` bounds the whole run (SIPp's ``-timeout``, then a kill 15 s later);
+    ``trace_msg`` logs every message (turn it off for load, it costs SIPp a lot)."""
 
     workdir: Path
     remote: str | None
     args: list[str]
     port: int = field(default_factory=free_port)
-    media_port: int = field(default_factory=free_port)
+    media_port: int = field(default_factory=lambda: free_port(span=4))
     timeout_s: float = 60.0
+    trace_msg: bool = True
     process: asyncio.subprocess.Process | None = None
+    result: SippResult | None = None
 
     def command(self) -> list[str]:
         sipp = shutil.which("sipp")
@@ -80,7 +116,9 @@ class Sipp:
             "-timeout", f"{int(self.timeout_s)}s",
             "-timeout_error",
             "-trace_err", "-error_file", str(self.workdir / "errors.log"),
-            "-trace_msg", "-message_file", str(self.workdir / "messages.log"),
+            "-trace_stat", "-stf", str(self.workdir / "stats.csv"), "-fd", "1",
+            *(["-trace_msg", "-message_file", str(self.workdir / "messages.log")]
+              if self.trace_msg else []),
             *self.args,
         ]  # fmt: skip
         return cmd
@@ -99,20 +137,35 @@ class Sipp:
             env={**os.environ, "TERM": "dumb"},
         )
 
+    async def ready(self, timeout_s: float = 5.0) -> None:
+        """Wait until SIPp listens on its SIP port (for scenarios where SIPp is the server)."""
+        assert self.process is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not (port_in_use(self.port) or port_in_use(self.port, socket.SOCK_STREAM)):
+            if self.process.returncode is not None or loop.time() > deadline:
+                result = await self.wait()
+                raise RuntimeError(f"SIPp did not start listening\n{result.explain()}")
+            await asyncio.sleep(0.02)
+
     async def wait(self) -> SippResult:
         assert self.process is not None
+        if self.result is not None:
+            return self.result
         try:
             out, err = await asyncio.wait_for(self.process.communicate(), self.timeout_s + 15)
         except TimeoutError:
             self.kill()
             out, err = await self.process.communicate()
-        return SippResult(
+        self.result = SippResult(
             returncode=self.process.returncode if self.process.returncode is not None else -1,
             stdout=out.decode(errors="replace"),
             stderr=err.decode(errors="replace"),
             errors=_read(self.workdir / "errors.log"),
             messages=_read(self.workdir / "messages.log"),
+            stats=_last_stats(self.workdir / "stats.csv"),
         )
+        return self.result
 
     def kill(self) -> None:
         if self.process is not None and self.process.returncode is None:
@@ -122,9 +175,43 @@ class Sipp:
         await self.start()
         return await self.wait()
 
+    async def __aenter__(self) -> Sipp:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.kill()
+            await self.process.communicate()
+
 
 def _read(path: Path) -> str:
     try:
         return path.read_text(errors="replace")
     except FileNotFoundError:
         return ""
+
+
+def _last_stats(path: Path) -> dict[str, str]:
+    text = _read(path)
+    rows = list(csv.reader(text.splitlines(), delimiter=";"))
+    if len(rows) < 2:
+        return {}
+    return dict(zip(rows[0], rows[-1], strict=False))
+
+
+def _traced(log: str, direction: str) -> list[str]:
+    """Split SIPp's ``-trace_msg`` log into the messages it ``sent`` or ``received``."""
+    out: list[str] = []
+    for block in log.split("\n-----------------------------------------------"):
+        lines = block.split("\n")
+        # lines[0]: the timestamp; lines[1]: "UDP message sent (535 bytes):"
+        if len(lines) < 3 or f"message {direction}" not in lines[1]:
+            continue
+        out.append("\n".join(lines[2:]).replace("\r", "").strip("\n") + "\n")
+    return out

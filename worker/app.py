@@ -27,6 +27,9 @@ from worker.sip.ua import UserAgent
 
 log = logging.getLogger("worker.app")
 
+SHUTDOWN_GRACE_S = 5.0
+"""How long ``Worker.close`` waits for hung-up calls' sessions to tell their agents."""
+
 
 class EchoRoute:
     """Returns the caller's audio to the caller, frame for frame (bounded to 200 ms)."""
@@ -53,6 +56,10 @@ class Worker:
         self.services: SessionServices | None = None
         self.fetcher: AudioFetcher | None = None
         self.results: list[SessionResult] = []
+        self.sessions: dict[str, CallSession] = {}
+        """Calls bridged to an agent right now, by call sid."""
+        self._sessions_changed = asyncio.Event()
+        self._closed = False
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -74,6 +81,12 @@ class Worker:
         await self.ua.start()
 
     async def close(self) -> None:
+        """Hang up every call, let their sessions report the end to their agents (bounded by
+        ``SHUTDOWN_GRACE_S``), then stop. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._end_sessions()
         if self.ua is not None:
             await self.ua.close()
         if self.pacer is not None:
@@ -82,6 +95,21 @@ class Worker:
             await self.fetcher.aclose()
         if self.sink is not None:
             await self.sink.close()
+
+    async def _end_sessions(self) -> None:
+        sessions = list(self.sessions.values())
+        for session in sessions:
+            await session.call.hangup("shutdown", 503)
+        if not sessions:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_GRACE_S
+        while self.sessions and loop.time() < deadline:
+            self._sessions_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sessions_changed.wait(), deadline - loop.time())
+        if self.sessions:
+            log.warning("sessions still running at shutdown", extra={"count": len(self.sessions)})
 
     async def on_incoming(self, call: SipCall) -> None:
         route = self.settings.route_for(call.to_user)
@@ -115,7 +143,12 @@ class Worker:
     async def _run_session(self, call: SipCall, route: RouteSettings) -> SessionResult:
         assert self.services is not None
         session = CallSession(call, route, self.services)
-        result = await session.run()
+        self.sessions[session.call_sid] = session
+        try:
+            result = await session.run()
+        finally:
+            del self.sessions[session.call_sid]
+            self._sessions_changed.set()
         self.results.append(result)
         call.log.info(
             "session done",
@@ -123,6 +156,10 @@ class Worker:
                 "status": result.status,
                 "duration": result.duration_sec,
                 "digits": result.digits,
+                "reason": result.reason,
+                "agent_audio_dropped_ms": round(result.counters.playout.dropped_ms),
+                "agent_invalid": result.counters.invalid_agent_messages,
+                "agent_reconnects": result.counters.reconnects,
             },
         )
         return result

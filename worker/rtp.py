@@ -40,13 +40,27 @@ class PortAllocator:
         self._used: set[int] = set()
 
     def __len__(self) -> int:
+        """How many ports are free."""
         return len(self._ports) - len(self._used)
 
-    def candidates(self) -> list[int]:
-        """Free ports in the order to try them (round robin, so a freed port rests a while)."""
-        n = len(self._ports)
-        order = [self._ports[(self._next + i) % n] for i in range(n)]
-        return [p for p in order if p not in self._used]
+    @property
+    def capacity(self) -> int:
+        """How many ports the range holds."""
+        return len(self._ports)
+
+    def candidates(self, limit: int | None = None) -> list[int]:
+        """Free ports in the order to try them (round robin, so a freed port rests a while),
+        at most ``limit`` of them."""
+        ports, used, start = self._ports, self._used, self._next
+        n = len(ports)
+        out: list[int] = []
+        for i in range(n):
+            port = ports[(start + i) % n]
+            if port not in used:
+                out.append(port)
+                if limit is not None and len(out) >= limit:
+                    break
+        return out
 
     def take(self, port: int) -> None:
         self._used.add(port)
@@ -77,6 +91,9 @@ class RtpEndpoint(asyncio.DatagramProtocol):
         self.endpoint_counters = EndpointCounters()
         self.last_received: float | None = None
         self.local: Address = ("", 0)
+        self.on_closed: Callable[[], None] | None = None  # once the socket is really closed
+        self.socket_closed = False
+        self.pool_port: int | None = None  # the pool's port this endpoint holds, until released
 
     # asyncio.DatagramProtocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -110,6 +127,13 @@ class RtpEndpoint(asyncio.DatagramProtocol):
         self.last_received = now
         self._on_packet(packet, now)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self.socket_closed = True
+        if self.on_closed is not None:
+            on_closed, self.on_closed = self.on_closed, None
+            on_closed()
+
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable from a peer that went away: counted, the inactivity timer ends it.
         self.endpoint_counters.send_errors += 1
@@ -140,22 +164,40 @@ class RtpPortPool:
         self.allocator = PortAllocator(port_min, port_max)
 
     async def open(self, on_packet: PacketHandler) -> RtpEndpoint:
+        """Bind an endpoint on the next free port. The port is bound and taken before the first
+        await, so concurrent opens never race for the same candidate."""
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        for port in self.allocator.candidates()[:64]:
+        for port in self.allocator.candidates(limit=64):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
             try:
-                _, protocol = await loop.create_datagram_endpoint(
-                    lambda: RtpEndpoint(on_packet, loop),
-                    local_addr=(self.host, port),
-                    family=family,
-                )
+                sock.setblocking(False)
+                sock.bind((self.host, port))
             except OSError:
+                sock.close()
                 continue  # taken by another process: try the next one
             self.allocator.take(port)
+            try:
+                _, protocol = await loop.create_datagram_endpoint(
+                    lambda: RtpEndpoint(on_packet, loop), sock=sock
+                )
+            except BaseException:
+                sock.close()
+                self.allocator.release(port)
+                raise
+            protocol.pool_port = port
             return protocol
         raise PortsExhaustedError(f"no free RTP port on {self.host} in the configured range")
 
     def close(self, endpoint: RtpEndpoint) -> None:
-        port = endpoint.local[1]
+        """Close the endpoint; its port goes back to the pool once the socket is closed (the
+        loop closes it on its next iteration, and binding it before would fail)."""
+        port, endpoint.pool_port = endpoint.pool_port, None
+        if port is None:  # released already, or on its way
+            endpoint.close()
+            return
+        if endpoint.socket_closed:
+            self.allocator.release(port)
+            return
+        endpoint.on_closed = lambda: self.allocator.release(port)
         endpoint.close()
-        self.allocator.release(port)

@@ -528,6 +528,11 @@ class _AudioLaneConnection(Generic[_E]):
         except ConnectionClosed as exc:
             await ws.close(NORMAL_CLOSURE)
             raise AgentConnectError(shown, "reset", f"closed right after connect ({exc})") from None
+        except BaseException:
+            # Cancelled (the call ended) while sending the first frames: the socket is not ours
+            # to keep, and nobody else knows about it yet.
+            ws.transport.abort()
+            raise
         self._ws = ws
         self.log.info("agent socket open", extra={"url": shown, "subprotocol": self.subprotocol})
         self._writer = asyncio.create_task(self._write_loop(ws), name=f"{shown} writer")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from media.g711 import ulaw_decode, ulaw_encode
-from media.playout import MarkReached
+from media.playout import MarkReached, PlayoutBuffer, PlayoutCounters
 from media.prompts import PromptDecodeError, decode_audio_file
 from media.recorder import StereoMp3Recorder
 from worker.agent import listen_audio as la
@@ -36,6 +36,7 @@ from worker.agent.connection import (
 )
 from worker.agent.jambonz import (
     AckReceived,
+    AckTimedOut,
     CallStatusCommand,
     CommandReceived,
     ConfigCommand,
@@ -79,6 +80,7 @@ from worker.session.pipeline import (
 from worker.session.status import CallStatus, CallStatusMachine, Event, StatusChange
 from worker.session.tts import SynthesisError, Synthesizer
 from worker.sip.call import CallFailedError, CallState, SipCall
+from worker.sip.message import REASON_PHRASES
 
 RATE = 8000
 _END_CAUSE_TO_EVENT = {"busy": Event.BUSY, "no-answer": Event.NO_ANSWER, "cancelled": Event.HANGUP}
@@ -95,8 +97,35 @@ class SessionServices:
     place_call: Callable[..., Any] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class SessionCounters:
+    """What the agent did that the worker absorbed, over the whole call.
+
+    ``playout``: the agent-audio playout buffer's totals (``dropped_ms`` is audio sent faster
+    than real time beyond the bound). ``ignored_agent_frames``: binary frames on a listen
+    socket whose streaming was off. ``invalid_agent_messages``: frames answered with (or, on
+    the audio sockets, logged as) invalid. ``late_acks``: acks that came after their hook had
+    timed out. ``reconnects``: control socket reconnect attempts. ``agent_audio_dropped_ms``:
+    caller audio the agent's socket could not take in time (its bounded send queue).
+    """
+
+    playout: PlayoutCounters
+    ignored_agent_frames: int = 0
+    invalid_agent_messages: int = 0
+    late_acks: int = 0
+    reconnects: int = 0
+    agent_audio_dropped_ms: float = 0.0
+
+
+_NO_COUNTERS = SessionCounters(playout=PlayoutBuffer(RATE).counters)
+
+
 @dataclass
 class SessionResult:
+    """A finished call. ``cause`` is a short token (``agent-hangup``, ``remote-bye``,
+    ``agent-unreachable``, ``agent-no-ack``, ...); ``reason`` says more when there is more to
+    say (the connect error, the ack outcome)."""
+
     call_sid: str
     status: str
     duration_sec: int
@@ -104,6 +133,8 @@ class SessionResult:
     recording: str | None
     cause: str | None
     transcript: list[tuple[str, str, float]] = field(default_factory=list)
+    reason: str | None = None
+    counters: SessionCounters = field(default_factory=lambda: _NO_COUNTERS)
 
 
 class CallSession:
@@ -137,6 +168,8 @@ class CallSession:
         self.listen_protocol: la.ListenAudioProtocol | None = None
         self.twilio: TwilioConnection | None = None
         self._queue: deque[Verb] = deque()
+        self._executing = False
+        self._acked = False  # session:new was acked: verbs may run
         self._verb_task: asyncio.Task[None] | None = None
         self._replaced = False
         self._dtmf_waiters: list[Callable[[str], None]] = []
@@ -144,6 +177,10 @@ class CallSession:
         self._listen_done: asyncio.Event | None = None
         self._sip_status = 100
         self._sip_reason = "Trying"
+        self._failure: str | None = None  # why the agent could not take the call
+        self._ignored_agent_frames = 0
+        self._invalid_audio_messages = 0
+        self._agent_audio_dropped_ms = 0.0
         self._tasks: set[asyncio.Task[Any]] = set()
         call.on_dtmf = self._on_dtmf
         call.audio_source = self.pipeline.next_out
@@ -169,6 +206,17 @@ class CallSession:
                     info, duration if change.new is CallStatus.COMPLETED else None
                 )
         return change
+
+    def _set_sip_status(self, status: int, reason: str | None = None) -> None:
+        self._sip_status = status
+        self._sip_reason = reason or REASON_PHRASES.get(status, "")
+
+    def _fail_unanswered(self, status: int) -> None:
+        """The call cannot go on before it was answered: ``failed`` with the status the caller
+        is about to get (an answered call keeps its status; its hangup completes it)."""
+        if self.status.answered_at is None:
+            self._set_sip_status(status)
+            self._feed(Event.FAIL)
 
     def _on_leg_state(self, call: SipCall) -> None:
         if call.state is CallState.RINGING:
@@ -254,6 +302,15 @@ class CallSession:
                 route=self.route.match,
             )
         )
+        try:
+            return await self._run()
+        finally:
+            # Also when the worker shuts down and cancels us: no socket or task outlives the call.
+            await self._finish()
+            if self.control is not None:
+                await self.control.close()
+
+    async def _run(self) -> SessionResult:
         ended = asyncio.ensure_future(self.call.ended)
         driver = asyncio.ensure_future(self._drive())
         try:
@@ -275,6 +332,8 @@ class CallSession:
         if self.status.status is CallStatus.IN_PROGRESS:
             self._feed(Event.HANGUP)
         elif not self.status.status.terminal:
+            if end.sip_status is not None:  # the final response the caller got (487, ...)
+                self._set_sip_status(end.sip_status, end.sip_reason)
             self._feed(_END_CAUSE_TO_EVENT.get(end.cause, _event_for_status(end.sip_status)))
         duration = self.status.duration(self.loop.time())
         result = SessionResult(
@@ -285,6 +344,8 @@ class CallSession:
             recording=str(self.recording_path) if self.recording_path else None,
             cause=end.cause,
             transcript=list(self.transcript),
+            reason=self._failure,
+            counters=self.counters(),
         )
         self.services.publish(
             ev.CallDoneEvent(
@@ -295,9 +356,24 @@ class CallSession:
                 cause=end.cause,
             )
         )
-        if self.control is not None:
-            await self.control.close()
         return result
+
+    def counters(self) -> SessionCounters:
+        """The call's counters so far (see :class:`SessionCounters`)."""
+        invalid = self._invalid_audio_messages
+        late = reconnects = 0
+        if self.control is not None:
+            core = self.control.control
+            invalid += core.invalid_messages
+            late, reconnects = core.late_acks, core.reconnects
+        return SessionCounters(
+            playout=self.pipeline.playout.counters,
+            ignored_agent_frames=self._ignored_agent_frames,
+            invalid_agent_messages=invalid,
+            late_acks=late,
+            reconnects=reconnects,
+            agent_audio_dropped_ms=self._agent_audio_dropped_ms,
+        )
 
     async def _drive(self) -> None:
         if self.call.direction == "outbound":
@@ -313,8 +389,12 @@ class CallSession:
             await self._run_jambonz()
 
     async def _finish(self) -> None:
-        for task in list(self._tasks):
+        """Stop the call's tasks and close its audio sockets and recording (idempotent)."""
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
         if self.listen is not None:
             with contextlib.suppress(Exception):
                 await self.listen.close(graceful=True)
@@ -344,9 +424,7 @@ class CallSession:
             if text is not None:
                 self.listen.send_text(text)
         if self.twilio is not None:
-            msg = self.twilio.stream.dtmf(digit)
-            if msg is not None:
-                self.twilio.send_text(msg)
+            self.twilio.send_dtmf(digit)
 
     def _on_pipeline_event(self, event: PipelineEvent) -> None:
         if isinstance(event, Interruption):
@@ -364,14 +442,14 @@ class CallSession:
             if self.listen is not None and self.listen_protocol is not None:
                 self.listen.send_text(self.listen_protocol.mark_event(mark.name, "playout"))
             elif self.twilio is not None:
-                self.twilio.send_text(self.twilio.stream.mark(mark.name))
+                self.twilio.send_mark(mark.name)
 
     def _report_cleared(self, names: tuple[str, ...] | list[str]) -> None:
         for name in names:
             if self.listen is not None and self.listen_protocol is not None:
                 self.listen.send_text(self.listen_protocol.mark_event(name, "cleared"))
             elif self.twilio is not None:
-                self.twilio.send_text(self.twilio.stream.mark(name))
+                self.twilio.send_mark(name)
 
     # ==========================================================================================
     # jambonz
@@ -390,21 +468,37 @@ class CallSession:
             await self.control.connect()
         except AgentConnectError as exc:
             self.log.warning("agent unreachable", extra={"why": str(exc)})
-            self._feed(Event.FAIL)
+            self._failure = str(exc)
+            self._fail_unanswered(480)
             await self.call.hangup("agent-unreachable", 480)
             return
         ack = await self.control.session_new(self.session_new_data())
         if not isinstance(ack, AckReceived):
-            self.log.warning("agent did not ack session:new", extra={"outcome": type(ack).__name__})
-            self._feed(Event.FAIL)
+            self._failure = (
+                "no ack for session:new within the timeout"
+                if isinstance(ack, AckTimedOut)
+                else f"session:new failed: {ack.reason}"
+            )
+            self.log.warning("agent did not ack session:new", extra={"why": self._failure})
+            self._fail_unanswered(480)
             await self.call.hangup("agent-no-ack", 480)
             return
         if self.call.state is CallState.INCOMING:
             await self.call.ring()
         self._queue = deque(ack.verbs or ())
+        self._acked = True
         await self._execute()
 
     async def _execute(self) -> None:
+        if self._executing:  # one executor per call; a redirect refills its queue
+            return
+        self._executing = True
+        try:
+            await self._execute_queue()
+        finally:
+            self._executing = False
+
+    async def _execute_queue(self) -> None:
         while self._queue and not self.call.is_ended:
             verb = self._queue.popleft()
             self._replaced = False
@@ -431,7 +525,7 @@ class CallSession:
         if self._verb_task is not None and not self._verb_task.done():
             self._replaced = True
             self._verb_task.cancel()
-        elif self._verb_task is None and not self.call.is_ended and self.control is not None:
+        elif not self._executing and self._acked and not self.call.is_ended:
             self._spawn(self._execute())
 
     def _verb_error(self, error: str, verb: Verb) -> None:
@@ -669,6 +763,8 @@ class CallSession:
             elif isinstance(event, ListenClosed):
                 result.setdefault("reason", "socket-closed")
                 done.set()
+            elif isinstance(event, la.InvalidAudioMessage):
+                self._invalid_from_agent(event.reason)
 
         auth = verb.ws_auth
         connection = ListenConnection(
@@ -712,6 +808,8 @@ class CallSession:
             self.listen = None
             self._listen_done = None
             await connection.close(graceful=True)
+            self._ignored_agent_frames += protocol.ignored_binary_frames
+            self._agent_audio_dropped_ms += connection.dropped_ms
         results = {"digits": "".join(digits), "dialCallDuration": int(self.loop.time() - started)}
         await self._hook(verb.action_hook, results, verb)
 
@@ -813,9 +911,8 @@ class CallSession:
         if self.call.state is CallState.ANSWERED:
             self._verb_error("sip:decline on an answered call", verb)
             return
-        self._sip_status, self._sip_reason = verb.status, verb.reason or ""
-        event = _event_for_status(verb.status)
-        self._feed(event)
+        self._set_sip_status(verb.status, verb.reason)
+        self._feed(_event_for_status(verb.status))
         await self.call.hangup("declined", verb.status)
 
     # -- commands ------------------------------------------------------------------------------
@@ -852,9 +949,11 @@ class CallSession:
     # ==========================================================================================
     # Twilio Media Streams
     async def _run_twilio(self) -> None:
+        """Connect the Media Stream first (while the caller hears ringing), then answer: an
+        agent that cannot be reached fails the call with 480 instead of answering it and
+        hanging up at once."""
         url = self.route.agent_url
         assert url is not None
-        await self._ensure_answered()
         stream = tw.TwilioStream(
             stream_sid="MZ" + uuid.uuid4().hex,
             call_sid="CA" + self.call_sid.replace("-", ""),
@@ -867,30 +966,50 @@ class CallSession:
             if isinstance(event, tw.MediaReceived):
                 self.pipeline.agent_audio(ulaw_decode(event.ulaw), RATE)
             elif isinstance(event, tw.MarkRequested):
-                with contextlib.suppress(ValueError):
+                try:
                     self.pipeline.mark(event.name)
+                except ValueError as exc:
+                    self._invalid_from_agent(str(exc))
             elif isinstance(event, tw.Clear):
                 self._report_cleared(self.pipeline.clear())
+            elif isinstance(event, tw.InvalidTwilioMessage):
+                self._invalid_from_agent(event.reason)
             elif isinstance(event, TwilioClosed):
                 closed.set()
 
         connection = TwilioConnection(url, stream, on_event=on_event, logger=self.log)
+        if self.call.state is CallState.INCOMING:
+            await self.call.ring()
         try:
             await connection.connect()
         except AgentConnectError as exc:
             self.log.warning("agent unreachable", extra={"why": str(exc)})
-            await self.call.hangup("agent-unreachable")
+            self._failure = str(exc)
+            self._fail_unanswered(480)
+            await self.call.hangup("agent-unreachable", 480)
             return
         self.twilio = connection
         self.pipeline.sink = AgentSink(lambda pcm: connection.send_media(ulaw_encode(pcm)), RATE)
-        await closed.wait()  # the agent ends the stream by closing the socket
-        self.pipeline.sink = None
+        try:
+            await self._ensure_answered()
+            await closed.wait()  # the agent ends the stream by closing the socket
+        finally:
+            self.pipeline.sink = None
+            self._agent_audio_dropped_ms += connection.dropped_ms
+
+    def _invalid_from_agent(self, why: str) -> None:
+        """Something the agent sent on an audio socket was unusable: counted, the first few
+        logged (an agent stuck in a loop must not flood the log)."""
+        self._invalid_audio_messages += 1
+        if self._invalid_audio_messages <= _LOGGED_INVALID:
+            self.log.info("invalid message from agent", extra={"why": why})
 
     def _in_call(self) -> float:
         answered = self.status.answered_at
         return round(self.loop.time() - answered, 2) if answered is not None else 0.0
 
 
+_LOGGED_INVALID = 10
 _LOWER = frozenset(
     {
         "From",

@@ -94,8 +94,9 @@ class CallStatusMachine:
         return change
 
     def duration(self, now: float) -> int:
-        """Seconds in conversation (0 for a call never answered), as jambonz reports it."""
+        """Whole seconds in conversation (0 for a call never answered), truncated as jambonz
+        reports them (``moment().diff(connectTime, 'seconds')``): 1.9 s is 1."""
         if self.answered_at is None:
             return 0
         end = self.ended_at if self.ended_at is not None else now
-        return max(0, round(end - self.answered_at))
+        return max(0, int(end - self.answered_at))

@@ -123,6 +123,7 @@ class SipTransport:
         self._udp: _Udp | None = None
         self._server: asyncio.Server | None = None
         self._connecting: dict[Address, asyncio.Future[_Tcp]] = {}
+        self._sending: set[asyncio.Task[None]] = set()  # connect-then-send tasks (referenced)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -139,6 +140,10 @@ class SipTransport:
             )
 
     async def close(self) -> None:
+        for task in list(self._sending):
+            task.cancel()
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
         if self._udp is not None and self._udp.transport is not None:
             self._udp.transport.close()
         for conn in list(self.connections.values()):
@@ -172,7 +177,10 @@ class SipTransport:
         if conn is not None:
             conn.send(data)
             return
-        asyncio.get_running_loop().create_task(self._connect_and_send(data, destination))
+        # The loop keeps only a weak reference to tasks: hold it until the bytes are out.
+        task = asyncio.get_running_loop().create_task(self._connect_and_send(data, destination))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
 
     async def _connect_and_send(self, data: bytes, destination: Address) -> None:
         try:

@@ -20,7 +20,7 @@ from typing import Any
 
 from worker.config import Settings, TrunkSettings
 from worker.pacer import MediaPacer
-from worker.rtp import RtpPortPool
+from worker.rtp import PortsExhaustedError, RtpPortPool
 from worker.sip.auth import (
     AuthError,
     AuthOutcome,
@@ -106,6 +106,14 @@ class _Client:
 
 
 @dataclass(slots=True)
+class _PendingInvite:
+    """A new INVITE not answered yet: ``call`` is None while its RTP port is being opened."""
+
+    invite: SipRequest
+    call: SipCall | None = None
+
+
+@dataclass(slots=True)
 class Registration:
     """The REGISTER state of one trunk."""
 
@@ -153,7 +161,7 @@ class UserAgent:
         )
         self.counters = UaCounters()
         self.calls: dict[tuple[str, str], SipCall] = {}  # (Call-ID, our tag)
-        self._pending_invites: dict[str, SipCall | None] = {}  # INVITE txn id -> call (or setup)
+        self._pending_invites: dict[str, _PendingInvite] = {}  # by INVITE transaction id
         self._clients: dict[str, _Client] = {}
         self.registrations: dict[str, Registration] = {}
         self._trunk_sources = [
@@ -287,7 +295,8 @@ class UserAgent:
             if client is not None:
                 client.on_failure(reason)
         elif isinstance(event, AckTimeout):
-            call = self._call_for(event.request)
+            # The INVITE carries no To tag (a first INVITE); our 2xx does: find the call by it.
+            call = self._call_for(event.response)
             if call is not None and not call.is_ended:
                 self.spawn(call.hangup("ack-timeout"))
         elif isinstance(event, UnmatchedResponse):
@@ -333,9 +342,11 @@ class UserAgent:
         self.layer.send_response(response, self.now)
         return response
 
-    def _call_for(self, request: SipRequest) -> SipCall | None:
+    def _call_for(self, message: SipRequest | SipResponse) -> SipCall | None:
+        """The call a message of its dialog belongs to: by Call-ID and our tag (the To tag of
+        requests we receive and of responses we send)."""
         try:
-            key = (request.call_id, request.to_tag or "")
+            key = (message.call_id, message.to_tag or "")
         except SipParseError:
             return None
         return self.calls.get(key)
@@ -455,7 +466,8 @@ class UserAgent:
         admitted, _trunk = self._admit(event)
         if not admitted:
             return
-        if len(self.calls) + len(self._pending_invites) >= self.settings.sip.max_calls:
+        setting_up = sum(1 for p in self._pending_invites.values() if p.call is None)
+        if len(self.calls) + setting_up >= self.settings.sip.max_calls:
             self.counters.over_capacity += 1
             self._respond(request, 503, "Too Many Calls", headers=[("Retry-After", "5")])
             return
@@ -486,7 +498,7 @@ class UserAgent:
             except SdpParseError as exc:
                 self._respond(request, 400, f"Bad SDP: {exc}"[:80])
                 return
-        self._pending_invites[tid] = None
+        self._pending_invites[tid] = _PendingInvite(request)
         self.spawn(self._setup_inbound(event, offer))
 
     async def _setup_inbound(
@@ -500,13 +512,17 @@ class UserAgent:
             endpoint = await self.rtp.open(
                 lambda p, now: call.rtp_received(p, now) if call else None
             )
-        except Exception:
-            log.exception("no RTP port for an incoming call", extra={"call_id": request.call_id})
-            self._pending_invites.pop(tid, None)
-            self._respond(request, 503, "No Media Port")
-            self._pump()
+        except Exception as exc:
+            if isinstance(exc, PortsExhaustedError):
+                log.error("no RTP port for an incoming call", extra={"call_id": request.call_id})
+            else:
+                log.exception("cannot open RTP for an incoming call")
+            if self._pending_invites.pop(tid, None) is not None:  # not CANCELled meanwhile
+                self._respond(request, 503, "No Media Port")
+                self._pump()
             return
-        if tid not in self._pending_invites:  # CANCELled while the port was being opened
+        pending = self._pending_invites.get(tid)
+        if pending is None:  # CANCELled while the port was being opened
             self.rtp.close(endpoint)
             return
         local_sdp = LocalSdp(self.settings.rtp.host)
@@ -525,7 +541,7 @@ class UserAgent:
         call.caller_name = request.from_.display_name or ""
         call.to_user = request.uri.user or ""
         call.offer = offer
-        self._pending_invites[tid] = call
+        pending.call = call
         self.calls[(call.call_id, call.local_tag)] = call
         self.counters.calls_in += 1
         call.log.info(
@@ -602,7 +618,7 @@ class UserAgent:
 
     def _forget_pending(self, call: SipCall) -> None:
         for tid, pending in list(self._pending_invites.items()):
-            if pending is call:
+            if pending.call is call:
                 del self._pending_invites[tid]
 
     def _finish_unanswered(self, call: SipCall, status: int, cause: str) -> None:
@@ -641,17 +657,17 @@ class UserAgent:
         self._respond(request, 200)
         if self.layer.invite_answered(invite):
             return
-        for tid, call in list(self._pending_invites.items()):
-            if call is None or call.invite is invite:
-                if call is None:
-                    # still opening its RTP port: answer 487 now, setup sees it gone
-                    txn_invite = invite
-                    del self._pending_invites[tid]
-                    self._respond(txn_invite, 487)
-                    return
-                call.log.info("cancelled by the caller")
-                self._finish_unanswered(call, 487, "cancelled")
+        for tid, pending in list(self._pending_invites.items()):
+            if pending.invite is not invite:
+                continue
+            if pending.call is None:
+                # Still opening its RTP port: answer 487 now; the setup finds itself gone.
+                del self._pending_invites[tid]
+                self._respond(invite, 487)
                 return
+            pending.call.log.info("cancelled by the caller")
+            self._finish_unanswered(pending.call, 487, "cancelled")
+            return
         self._respond(invite, 487)
 
     def _in_dialog(self, request: SipRequest, to_tag: str) -> None:

@@ -1,0 +1,87 @@
+"""The process-wide media pacer (a callback removed during a tick is not called) and the RTP
+endpoint's symmetric-RTP latch (RFC 3264 §8.3.1 moves). No sockets: datagrams are handed to the
+endpoint directly."""
+
+from __future__ import annotations
+
+import asyncio
+
+from media.rtp import RtpPacket
+from worker.pacer import MediaPacer
+from worker.rtp import RtpEndpoint
+
+FIRST = ("192.0.2.10", 40000)
+MOVED = ("192.0.2.20", 42000)
+NAT = ("198.51.100.7", 61000)
+
+
+class TestMediaPacerRemoval:
+    async def test_callback_removed_by_an_earlier_one_is_not_ticked(self) -> None:
+        """A call ended by an earlier callback of the same tick is not ticked after it."""
+        pacer = MediaPacer(asyncio.get_running_loop())
+        seen: list[str] = []
+
+        def first(now: float) -> None:
+            seen.append("first")
+            pacer.remove("second")
+
+        pacer.add("first", first)
+        pacer.add("second", lambda now: seen.append("second"))
+        await asyncio.sleep(0.05)
+        pacer.close()
+        assert "second" not in seen
+
+
+def latched(endpoint: RtpEndpoint) -> tuple[str, int] | None:
+    """Read afresh: after ``assert endpoint.latched is None`` mypy would keep it None."""
+    return endpoint.latched
+
+
+def rtp(seq: int) -> bytes:
+    return RtpPacket(8, seq, seq * 160, 0x1234, b"\xd5" * 160).serialize()
+
+
+class TestRtpEndpointLatch:
+    def endpoint(self) -> tuple[RtpEndpoint, list[RtpPacket]]:
+        got: list[RtpPacket] = []
+        endpoint = RtpEndpoint(lambda packet, now: got.append(packet), asyncio.get_running_loop())
+        return endpoint, got
+
+    async def test_latches_on_the_first_source_and_drops_others(self) -> None:
+        endpoint, got = self.endpoint()
+        endpoint.set_remote(FIRST)
+        endpoint.datagram_received(rtp(1), NAT)
+        endpoint.datagram_received(rtp(2), FIRST)
+        assert endpoint.latched == NAT
+        assert len(got) == 1
+        assert endpoint.endpoint_counters.foreign_source == 1
+
+    async def test_first_sdp_address_keeps_an_early_latch(self) -> None:
+        """Packets before the SDP answer latch; learning the SDP address must not undo that
+        (the caller may be behind NAT)."""
+        endpoint, _ = self.endpoint()
+        endpoint.datagram_received(rtp(1), NAT)
+        endpoint.set_remote(FIRST)
+        assert endpoint.latched == NAT
+
+    async def test_same_address_again_keeps_the_latch(self) -> None:
+        endpoint, _ = self.endpoint()
+        endpoint.set_remote(FIRST)
+        endpoint.datagram_received(rtp(1), NAT)
+        endpoint.set_remote(FIRST)  # a re-INVITE for hold or resume, same address
+        assert endpoint.latched == NAT
+
+    async def test_rfc3264_section8_3_1_move_relearns_the_source(self) -> None:
+        endpoint, got = self.endpoint()
+        endpoint.set_remote(FIRST)
+        endpoint.datagram_received(rtp(1), FIRST)
+        endpoint.set_remote(MOVED)
+        assert endpoint.latched is None
+        assert endpoint.remote == MOVED
+        endpoint.datagram_received(rtp(2), FIRST)  # in flight from the former source
+        assert endpoint.latched is None  # taken, but it cannot win the latch back
+        endpoint.datagram_received(rtp(3), MOVED)
+        assert latched(endpoint) == MOVED
+        endpoint.datagram_received(rtp(4), FIRST)
+        assert [p.sequence for p in got] == [1, 2, 3]
+        assert endpoint.endpoint_counters.foreign_source == 1
