@@ -19,7 +19,9 @@ demo: setup
 	$(PY) scripts/demo.py $(DEMO_ARGS)
 
 bench: setup
-	$(PY) scripts/bench_media.py $(BENCH_ARGS)
+	$(PY) scripts/bench_media.py
+	$(PY) scripts/bench_bridge.py
+	$(PY) scripts/bench_sip.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

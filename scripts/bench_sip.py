@@ -81,8 +81,6 @@ action = "echo"
 """,
             encoding="utf-8",
         )
-        # The worker's prompt fetcher wants its folder to exist already.
-        (workdir / "data" / "prompts").mkdir(parents=True, exist_ok=True)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
