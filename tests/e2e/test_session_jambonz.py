@@ -385,6 +385,28 @@ class TestJambonzSipDecline:
         assert done.status == "busy"
 
 
+class TestJambonzSipDeclineReason:
+    """``sip:decline`` with a ``reason``: the caller's final response carries that phrase."""
+
+    async def test_reason_phrase_on_the_wire(self, tmp_path: Path) -> None:
+        async with (
+            ScriptedAgent() as agent,
+            running_worker(tmp_path / "data", [agent_route("*", agent.url("/app"))]) as worker,
+        ):
+            sipp = caller(tmp_path / "sipp", worker, "uac_rejected", CALLED)
+            async with sipp:
+                ctl = await agent.accept("/app")
+                new = await ctl.next_type("session:new")
+                verb = {"verb": "sip:decline", "status": 603, "reason": "Not Today"}
+                await ctl.ack(new, [verb])
+                result = await sipp.wait()
+            assert_sipp_ok(result)
+            done = await wait_result(worker, new["call_sid"])
+        assert final_statuses(result) == [603]
+        assert result.received("SIP/2.0 603 Not Today")
+        assert done.status == "failed"
+
+
 class TestJambonzDtmfVerb:
     """``dtmf`` (and the ``dtmf`` command) send RFC 4733 events: the far end (SIPp with
     -rtp_echo) returns them, so the worker decodes its own key presses as the callee's.
@@ -475,3 +497,64 @@ class TestJambonzDialVerb:
         match = best_match(heard, voice[4000:16000])  # 1.5 s of the caller, from 0.5 s in
         assert match.score > 0.9, match
         assert 0 < (match.lag - 4000) / 8 < 250  # ms: out to the far end and back
+
+
+class TestJambonzSipRequestCommand:
+    """``sip:request`` sends an in-dialog request (both command shapes); a command the worker
+    cannot carry out (``redirect`` to an application URL) is answered with ``jambonz:error``."""
+
+    async def test_info_reaches_the_caller_then_hangup(self, tmp_path: Path) -> None:
+        async with (
+            ScriptedAgent() as agent,
+            running_worker(tmp_path / "data", [agent_route("*", agent.url("/app"))]) as worker,
+        ):
+            sipp = caller(tmp_path / "sipp", worker, "uac_info_wait_bye", CALLED)
+            async with sipp:
+                ctl = await agent.accept("/app")
+                new = await ctl.next_type("session:new")
+                await ctl.ack(new, [{"verb": "answer"}, {"verb": "pause", "length": 20}])
+                await ctl.next(
+                    lambda m: (
+                        m.get("type") == "call:status" and m["data"]["call_status"] == "in-progress"
+                    )
+                )
+                await ctl.send(
+                    {
+                        "type": "command",
+                        "command": "redirect",
+                        "data": {"call_hook": "https://example.invalid/app"},
+                    }
+                )
+                error = await ctl.next_type("jambonz:error")
+                await ctl.send(
+                    {
+                        "type": "command",
+                        "command": "sip:request",
+                        "data": {
+                            "sip_request": {
+                                "method": "INFO",
+                                "content_type": "application/json",
+                                "content": '{"hello":"caller"}',
+                                "headers": {"X-Reason": "e2e"},
+                            }
+                        },
+                    }
+                )
+                await asyncio.sleep(0.3)  # the scenario takes the INFO before the BYE
+                await ctl.send(
+                    {
+                        "type": "command",
+                        "command": "call:status",
+                        "data": {"call_status": "completed"},
+                    }
+                )
+                result = await sipp.wait()
+            assert_sipp_ok(result)
+            done = await wait_result(worker, new["call_sid"])
+        infos = result.received("INFO")
+        assert len(infos) == 1
+        assert '{"hello":"caller"}' in infos[0]
+        assert "X-Reason: e2e" in infos[0]
+        assert "application/json" in infos[0]
+        assert "not supported" in error["data"]["error"]
+        assert done.status == "completed"

@@ -913,7 +913,7 @@ class CallSession:
             return
         self._set_sip_status(verb.status, verb.reason)
         self._feed(_event_for_status(verb.status))
-        await self.call.hangup("declined", verb.status)
+        await self.call.hangup("declined", verb.status, verb.reason)
 
     # -- commands ------------------------------------------------------------------------------
     def _on_control_event(self, event: Any) -> None:
@@ -927,7 +927,7 @@ class CallSession:
         if isinstance(command, RedirectCommand):
             self._replace_verbs(command.verbs, command.queue_command)
         elif isinstance(command, RedirectHookCommand):
-            self.log.info("redirect to a new hook is not supported")
+            self._command_error("redirect", "redirect to a new application URL is not supported")
         elif isinstance(command, CallStatusCommand):
             # jambonz: "no-answer" rejects an unanswered inbound call with 503.
             status = 503 if command.call_status == "no-answer" else 480
@@ -940,11 +940,19 @@ class CallSession:
         elif isinstance(command, DtmfCommand):
             self.call.send_dtmf(command.digit, command.duration)
         elif isinstance(command, SipRequestCommand):
-            sender = getattr(self.call, "send_request", None)
-            if sender is not None:
-                sender(command.method, command.content_type, command.content, command.headers)
+            sent = self.call.send_request(
+                command.method, command.content_type, command.content, command.headers
+            )
+            if not sent:
+                self._command_error("sip:request", "no SIP dialog to send the request in")
         elif isinstance(command, ConfigCommand):
             self._apply_config(command.config.to_wire())
+
+    def _command_error(self, command: str, error: str) -> None:
+        self.log.info("command refused", extra={"command": command, "why": error})
+        if self.control is not None:
+            with contextlib.suppress(WorkerError):
+                self.control.verb_error(error, verb=command)
 
     # ==========================================================================================
     # Twilio Media Streams

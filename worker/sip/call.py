@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -126,15 +126,33 @@ class SipCall:
         """Send 200 OK with our SDP and start the media; returns once sent."""
         self.ua.answer_call(self)
 
-    async def hangup(self, cause: str = "local-hangup", status: int = 480) -> None:
+    async def hangup(
+        self, cause: str = "local-hangup", status: int = 480, reason: str | None = None
+    ) -> None:
         """End the call whatever its state: BYE, CANCEL, or a final ``status`` if unanswered."""
-        await self.ua.hangup_call(self, cause, status)
+        await self.ua.hangup_call(self, cause, status, reason)
 
     def send_dtmf(self, digit: str, duration_ms: int = 160) -> bool:
         """Send a DTMF digit as RFC 4733 (or SIP INFO when telephone-event was not negotiated)."""
         if self.stream is not None and self.stream.queue_dtmf(digit, duration_ms):
             return True
         return self.ua.send_info_dtmf(self, digit, duration_ms)
+
+    def send_request(
+        self,
+        method: str,
+        content_type: str | None = None,
+        content: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> bool:
+        """Send an in-dialog INFO / NOTIFY / MESSAGE / OPTIONS; False when there is no dialog."""
+        return self.ua.send_in_dialog(
+            self,
+            method.upper(),
+            (content or "").encode(),
+            content_type if content else None,
+            list((headers or {}).items()),
+        )
 
     @property
     def is_ended(self) -> bool:

@@ -621,9 +621,11 @@ class UserAgent:
             if pending.call is call:
                 del self._pending_invites[tid]
 
-    def _finish_unanswered(self, call: SipCall, status: int, cause: str) -> None:
+    def _finish_unanswered(
+        self, call: SipCall, status: int, cause: str, reason: str | None = None
+    ) -> None:
         if call.invite is not None and not self.layer.invite_answered(call.invite):
-            self._respond(call.invite, status, to_tag=call.local_tag)
+            self._respond(call.invite, status, reason, to_tag=call.local_tag)
         self._forget_pending(call)
         call.finish(CallEnd(cause, status))
         self._pump()
@@ -750,11 +752,13 @@ class UserAgent:
         call.dtmf_received(digit.upper(), duration, "sip-info")
 
     # -- hanging up ----------------------------------------------------------------------------
-    async def hangup_call(self, call: SipCall, cause: str, status: int) -> None:
+    async def hangup_call(
+        self, call: SipCall, cause: str, status: int, reason: str | None = None
+    ) -> None:
         if call.is_ended:
             return
         if call.direction == "inbound" and call.dialog is None:
-            self._finish_unanswered(call, status, cause)
+            self._finish_unanswered(call, status, cause, reason)
             return
         if call.direction == "outbound" and call.dialog is None:
             self._cancel_outbound(call, cause)
@@ -784,14 +788,30 @@ class UserAgent:
         return tid
 
     def send_info_dtmf(self, call: SipCall, digit: str, duration_ms: int) -> bool:
+        body = f"Signal={digit}\r\nDuration={duration_ms}\r\n".encode()
+        return self.send_in_dialog(call, "INFO", body, "application/dtmf-relay")
+
+    def send_in_dialog(
+        self,
+        call: SipCall,
+        method: str,
+        body: bytes = b"",
+        content_type: str | None = None,
+        headers: list[tuple[str, str]] | None = None,
+    ) -> bool:
+        """Send an in-dialog request (INFO, NOTIFY, MESSAGE, OPTIONS); False without a dialog.
+        The response is not awaited (jambonz's ``sip:request`` does not report it either)."""
         if call.dialog is None or call.is_ended:
             return False
-        body = f"Signal={digit}\r\nDuration={duration_ms}\r\n".encode()
-        info = call.dialog.create_request(
-            "INFO", self._via(call.transport), body=body, content_type="application/dtmf-relay"
+        request = call.dialog.create_request(
+            method,
+            self._via(call.transport),
+            body=body,
+            content_type=content_type,
+            headers=headers or (),
         )
         destination = call.remote if call.direction == "inbound" else call.destination
-        self._send_client(info, destination, call.transport, _Client(lambda r: None))
+        self._send_client(request, destination, call.transport, _Client(lambda r: None))
         self._pump()
         return True
 
