@@ -356,9 +356,19 @@ class TestJambonzTagRedirectConfig:
 
 
 class TestJambonzSipDecline:
-    """``sip:decline``: the caller gets the status; ``call:status`` reports it."""
+    """``sip:decline``: the caller gets the status (and the ``reason`` phrase when given);
+    ``call:status`` reports it."""
 
-    async def test_decline_486(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize(
+        ("status", "reason", "phrase", "call_status"),
+        [(486, None, "Busy Here", "busy"), (603, "Not Today", "Not Today", "failed")],
+    )
+    async def test_decline(
+        self, tmp_path: Path, status: int, reason: str | None, phrase: str, call_status: str
+    ) -> None:
+        verb: dict[str, Any] = {"verb": "sip:decline", "status": status}
+        if reason is not None:
+            verb["reason"] = reason
         async with (
             ScriptedAgent() as agent,
             running_worker(tmp_path / "data", [agent_route("*", agent.url("/app"))]) as worker,
@@ -367,8 +377,8 @@ class TestJambonzSipDecline:
             async with sipp:
                 ctl = await agent.accept("/app")
                 new = await ctl.next_type("session:new")
-                await ctl.ack(new, [{"verb": "sip:decline", "status": 486}])
-                status = await ctl.next(
+                await ctl.ack(new, [verb])
+                reported = await ctl.next(
                     lambda m: (
                         m.get("type") == "call:status"
                         and m["data"]["call_status"] not in ("ringing",)
@@ -377,34 +387,13 @@ class TestJambonzSipDecline:
                 result = await sipp.wait()
             assert_sipp_ok(result)
             done = await wait_result(worker, new["call_sid"])
-        assert final_statuses(result) == [486]
-        assert status["data"]["call_status"] == "busy"
-        assert status["data"]["sip_status"] == 486
-        assert status["data"]["sip_reason"] == "Busy Here"
-        assert "duration" not in status["data"]
-        assert done.status == "busy"
-
-
-class TestJambonzSipDeclineReason:
-    """``sip:decline`` with a ``reason``: the caller's final response carries that phrase."""
-
-    async def test_reason_phrase_on_the_wire(self, tmp_path: Path) -> None:
-        async with (
-            ScriptedAgent() as agent,
-            running_worker(tmp_path / "data", [agent_route("*", agent.url("/app"))]) as worker,
-        ):
-            sipp = caller(tmp_path / "sipp", worker, "uac_rejected", CALLED)
-            async with sipp:
-                ctl = await agent.accept("/app")
-                new = await ctl.next_type("session:new")
-                verb = {"verb": "sip:decline", "status": 603, "reason": "Not Today"}
-                await ctl.ack(new, [verb])
-                result = await sipp.wait()
-            assert_sipp_ok(result)
-            done = await wait_result(worker, new["call_sid"])
-        assert final_statuses(result) == [603]
-        assert result.received("SIP/2.0 603 Not Today")
-        assert done.status == "failed"
+        assert final_statuses(result) == [status]
+        assert result.received(f"SIP/2.0 {status} {phrase}")
+        assert reported["data"]["call_status"] == call_status
+        assert reported["data"]["sip_status"] == status
+        assert reported["data"]["sip_reason"] == phrase
+        assert "duration" not in reported["data"]
+        assert done.status == call_status
 
 
 class TestJambonzDtmfVerb:
