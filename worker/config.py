@@ -57,7 +57,6 @@ class SipSettings(_Section):
     t1_ms: int = Field(500, ge=50)
     t2_ms: int = Field(4000, ge=100)
     t4_ms: int = Field(5000, ge=100)
-    session_expires_s: int = Field(1800, ge=90)
     auth_realm: str = "aispinner"
     users: dict[str, str] = Field(default_factory=dict)
     trusted_sources: list[str] = ["127.0.0.0/8", "::1/128"]
