@@ -504,8 +504,17 @@ class CallSession:
             self._replaced = False
             task = self.loop.create_task(self._run_verb(verb))
             self._verb_task = task
-            await asyncio.wait({task})
-            self._verb_task = None
+            try:
+                await asyncio.wait({task})
+            except asyncio.CancelledError:
+                # The call is over (or the worker stops): the verb goes with it, so a dial's
+                # other leg, a listen socket or a gather does not outlive the caller.
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+                raise
+            finally:
+                self._verb_task = None
             if task.cancelled():
                 if self._replaced:
                     continue
@@ -613,8 +622,7 @@ class CallSession:
         synth = verb.synthesizer
         language = synth.language if synth else None
         voice = synth.voice if synth and isinstance(synth.voice, str) else None
-        loops = 1 if verb.loop == "forever" else max(1, int(verb.loop))
-        for _ in range(loops if verb.loop != "forever" else 1000):
+        for _ in range(_loops(verb.loop)):
             for text in verb.texts:
                 try:
                     pcm = await self.services.synthesizer.synthesize(
@@ -635,10 +643,11 @@ class CallSession:
     async def _play(self, verb: PlayVerb) -> None:
         if not verb.early_media:
             await self._ensure_answered()
-        loops = 1000 if verb.loop == "forever" else max(1, int(verb.loop))
         started = self.loop.time()
         completed = True
-        for _ in range(loops):
+        for _ in range(_loops(verb.loop)):
+            if not completed:  # interrupted (barge-in, killAudio): no next round
+                break
             for url in verb.urls:
                 try:
                     pcm = await self.services.fetcher.fetch(url, RATE)
@@ -676,6 +685,7 @@ class CallSession:
         got: asyncio.Queue[str] = asyncio.Queue()
         self._dtmf_waiters.append(got.put_nowait)
         prompt_task: asyncio.Task[None] | None = None
+        first: asyncio.Task[str] | None = None
         try:
             prompt = verb.say or verb.play
             if prompt is not None:
@@ -712,9 +722,13 @@ class CallSession:
                 if len(digits) >= max_digits:
                     reason = "dtmfDetected"
                     break
-            if digits and reason == "timeout" and verb.min_digits is None:
-                reason = "dtmfDetected" if verb.num_digits is None else "timeout"
+            # Enough digits when the timer fired: they are the result (numDigits needs all).
+            needed = verb.num_digits or verb.min_digits or 1
+            if reason == "timeout" and digits and len(digits) >= needed:
+                reason = "dtmfDetected"
         finally:
+            if first is not None and not first.done():
+                first.cancel()
             if got.put_nowait in self._dtmf_waiters:
                 self._dtmf_waiters.remove(got.put_nowait)
             if prompt_task is not None and not prompt_task.done():
@@ -1034,6 +1048,14 @@ _LOWER = frozenset(
         "Supported",
     }
 )
+
+
+def _loops(loop: int | str) -> int:
+    """How many rounds a ``say``/``play`` runs: ``0`` and ``"forever"`` mean forever (jambonz),
+    bounded here at 1000 rounds."""
+    if loop == "forever" or int(loop) <= 0:
+        return 1000
+    return int(loop)
 
 
 def _event_for_status(status: int | None) -> Event:
