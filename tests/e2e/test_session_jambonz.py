@@ -25,6 +25,7 @@ from tests.e2e.harness import (
     decode_mp3,
     envelope,
     final_statuses,
+    live_session,
     running_worker,
     sipp_times,
     tone,
@@ -547,3 +548,34 @@ class TestJambonzSipRequestCommand:
         assert "application/json" in infos[0]
         assert "not supported" in error["data"]["error"]
         assert done.status == "completed"
+
+
+class TestJambonzEarlyMedia:
+    """``say`` with ``earlyMedia``: the caller gets 183 Session Progress with SDP and hears the
+    audio before any answer; when the verbs run out the unanswered call is refused (480)."""
+
+    async def test_say_in_early_media_then_refused(self, tmp_path: Path) -> None:
+        async with (
+            ScriptedAgent() as agent,
+            running_worker(tmp_path / "data", [agent_route("*", agent.url("/app"))]) as worker,
+        ):
+            sipp = caller(tmp_path / "sipp", worker, "uac_rejected", CALLED, echo=True)
+            async with sipp:
+                ctl = await agent.accept("/app")
+                new = await ctl.next_type("session:new")
+                call = live_session(worker, new["call_sid"]).call
+                verb = {"verb": "say", "text": "Please hold on.", "earlyMedia": True}
+                await ctl.ack(new, [verb])
+                result = await sipp.wait()
+            assert_sipp_ok(result)
+            done = await wait_result(worker, new["call_sid"])
+        progress = result.received("SIP/2.0 183")
+        assert len(progress) == 1
+        assert "m=audio" in progress[0]
+        assert final_statuses(result) == [480]
+        summary = call.summary()
+        assert isinstance(summary["rtp_out"], int)
+        assert summary["rtp_out"] > 25  # at least half a second of the prompt was sent
+        assert isinstance(summary["rtp_in"], int)
+        assert summary["rtp_in"] > 0  # SIPp echoed it: the early media path worked
+        assert done.status == "no-answer"

@@ -595,6 +595,17 @@ class CallSession:
         if self.call.state not in (CallState.ANSWERED, CallState.ENDED):
             await self.call.answer()
 
+    async def _ensure_media(self, early_media: bool) -> None:
+        """An audio path for a say/play/listen: the answer, or with ``earlyMedia`` on an
+        unanswered inbound call, a 183 Session Progress with our SDP (the call stays unanswered)."""
+        if not early_media:
+            await self._ensure_answered()
+        elif self.call.direction == "inbound" and self.call.state in (
+            CallState.INCOMING,
+            CallState.RINGING,
+        ):
+            await self.call.ring(early_media=True)
+
     def _apply_config(self, data: dict[str, Any]) -> None:
         if "notifyEvents" in data:
             self._notify_events = bool(data["notifyEvents"])
@@ -617,8 +628,7 @@ class CallSession:
             raise
 
     async def _say(self, verb: SayVerb) -> None:
-        if not verb.early_media:
-            await self._ensure_answered()
+        await self._ensure_media(verb.early_media)
         synth = verb.synthesizer
         language = synth.language if synth else None
         voice = synth.voice if synth and isinstance(synth.voice, str) else None
@@ -641,8 +651,7 @@ class CallSession:
                 )
 
     async def _play(self, verb: PlayVerb) -> None:
-        if not verb.early_media:
-            await self._ensure_answered()
+        await self._ensure_media(verb.early_media)
         started = self.loop.time()
         completed = True
         for _ in range(_loops(verb.loop)):
@@ -737,8 +746,7 @@ class CallSession:
 
     # -- listen / stream -----------------------------------------------------------------------
     async def _listen(self, verb: ListenVerb) -> None:
-        if not verb.early_media:
-            await self._ensure_answered()
+        await self._ensure_media(verb.early_media)
         protocol = la.ListenAudioProtocol.from_verb(verb)
         info = self.call_info()
         metadata = protocol.metadata_message(info, verb.metadata)

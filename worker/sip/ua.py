@@ -568,11 +568,9 @@ class UserAgent:
         return answer.serialize()
 
     def send_provisional(self, call: SipCall, early_media: bool) -> None:
-        if (
-            call.invite is None
-            or call.direction != "inbound"
-            or call.state is not (CallState.INCOMING)
-        ):
+        # 180 only before anything else; 183 with SDP also after a 180 (early media on demand).
+        allowed = (CallState.INCOMING, CallState.RINGING) if early_media else (CallState.INCOMING,)
+        if call.invite is None or call.direction != "inbound" or call.state not in allowed:
             return
         if early_media and call.offer is not None:
             body = self._answer_sdp(call)
