@@ -9,6 +9,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from worker.agent.verbs import parse_verb
 from worker.config import RouteSettings
 from worker.session.session import CallSession, SessionServices
@@ -256,3 +258,48 @@ class TestGather:
         for _ in range(5):
             await asyncio.sleep(0)
         assert asyncio.all_tasks() - before == set()
+
+
+class TestJambonzCallStatusCommand:
+    """``call:status`` ``no-answer`` rejects only an unanswered call (jambonz _onCommand)."""
+
+    async def test_no_answer_on_an_answered_call_is_refused(self, tmp_path: Path) -> None:
+        from worker.agent.jambonz import CallStatusCommand
+
+        session, leg, _, _ = make_session(tmp_path)
+        errors: list[tuple[str, str]] = []
+        session.control = SimpleNamespace(  # type: ignore[assignment]
+            verb_error=lambda error, verb: errors.append((verb, error))
+        )
+        session._command(CallStatusCommand(call_status="no-answer"))
+        await asyncio.sleep(0)
+        assert leg.hangups == []
+        assert errors == [("call:status", "no-answer applies only to an unanswered call")]
+
+    async def test_no_answer_rejects_a_ringing_call(self, tmp_path: Path) -> None:
+        from worker.agent.jambonz import CallStatusCommand
+
+        session, leg, _, _ = make_session(tmp_path)
+        leg.state = CallState.RINGING
+        session._command(CallStatusCommand(call_status="no-answer"))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert leg.hangups == ["agent-hangup"]
+
+
+class TestDtmfVerbPacing:
+    async def test_long_digit_is_capped_and_paced_by_what_was_sent(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        session, leg, _, _ = make_session(tmp_path)
+        slept: list[float] = []
+        real_sleep = asyncio.sleep
+
+        async def fake_sleep(seconds: float) -> None:
+            slept.append(seconds)
+            await real_sleep(0)
+
+        monkeypatch.setattr(asyncio, "sleep", fake_sleep)
+        await session._send_dtmf("1", 20000)
+        assert [(d, ms) for d, ms, _ in leg.dtmf_sent] == [("1", 8000)]
+        assert slept == [8.1]

@@ -926,8 +926,9 @@ class CallSession:
             if digit in ("w", "W"):
                 await asyncio.sleep(0.5)
                 continue
-            self.call.send_dtmf(digit, min(duration_ms, 8000))
-            await asyncio.sleep(duration_ms / 1000 + 0.1)
+            duration = min(duration_ms, 8000)  # one RFC 4733 event holds at most ~8 s
+            self.call.send_dtmf(digit, duration)
+            await asyncio.sleep(duration / 1000 + 0.1)
 
     async def _decline(self, verb: SipDeclineVerb) -> None:
         if self.call.state is CallState.ANSWERED:
@@ -951,9 +952,13 @@ class CallSession:
         elif isinstance(command, RedirectHookCommand):
             self._command_error("redirect", "redirect to a new application URL is not supported")
         elif isinstance(command, CallStatusCommand):
-            # jambonz: "no-answer" rejects an unanswered inbound call with 503.
-            status = 503 if command.call_status == "no-answer" else 480
-            self._spawn(self.call.hangup("agent-hangup", status))
+            # jambonz: "completed" hangs up; "no-answer" rejects an unanswered call (503 inbound,
+            # CANCEL outbound) and means nothing once the call is answered.
+            if command.call_status == "no-answer" and self.call.state is CallState.ANSWERED:
+                self._command_error("call:status", "no-answer applies only to an unanswered call")
+            else:
+                status = 503 if command.call_status == "no-answer" else 480
+                self._spawn(self.call.hangup("agent-hangup", status))
         elif isinstance(command, ListenStatusCommand):
             if self.pipeline.sink is not None:
                 self.pipeline.sink.paused = command.status == "pause"
