@@ -1,10 +1,11 @@
 """One call's media pipeline between the leg (8 kHz PCM, one frame per 20 ms tick) and the agent.
 
 Caller side, after each tick: recorder (left), VAD (barge-in), beep detector (voicemail),
-in-band DTMF (only when the leg has no RFC 4733), resample to the agent's rate, hand to the
-agent sink. Agent side: streamed audio at any rate → resample → playout buffer (marks, clear);
-prompts (say/play) → their own queue; the frame the caller hears mixes both. Sans-I/O: the
-session calls ``next_out(now)`` and ``after_tick(caller, out, now)``; nothing here awaits.
+in-band DTMF (``use_inband_dtmf``, for legs without RFC 4733), resample to the agent's rate,
+hand to the agent sink. Agent side: streamed audio at any rate → resample → playout buffer
+(marks, clear); prompts (say/play) → their own queue; the frame the caller hears mixes both.
+Sans-I/O: the session calls ``next_out(now)`` and ``after_tick(caller, out, now)``; nothing
+here awaits.
 """
 
 from __future__ import annotations
@@ -12,18 +13,19 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from media.playout import MarkReached, PlayoutBuffer
 from media.recorder import StereoMp3Recorder
 from media.resample import Resampler
 from media.stream import FRAME_BYTES
+from media.stream import SAMPLE_RATE as RATE
 from media.tones import BeepDetector, InbandDtmfDetector
 from media.vad import VoiceActivityDetector
 from worker.agent.listen_audio import interleave_stereo, mix_saturating
 
-RATE = 8000
 SILENCE = bytes(FRAME_BYTES)
-MixType = str  # "mono" | "mixed" | "stereo"
+MixType = Literal["mono", "mixed", "stereo"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,20 +80,18 @@ class AgentSink:
     rate: int
     mix: MixType = "mono"
     paused: bool = False
-    resampler: Resampler | None = None
-    out_resampler: Resampler | None = None
+    resampler: Resampler = field(init=False)  # the caller's audio
+    out_resampler: Resampler = field(init=False)  # what the caller hears (mixed, stereo)
 
     def __post_init__(self) -> None:
         self.resampler = Resampler(RATE, self.rate)
-        if self.mix != "mono":
-            self.out_resampler = Resampler(RATE, self.rate)
+        self.out_resampler = Resampler(RATE, self.rate)
 
 
 @dataclass(slots=True)
 class MediaPipeline:
     recorder: StereoMp3Recorder | None = None
     barge_in: bool = False
-    detect_inband_dtmf: bool = False
     detect_beep: bool = True
     playout_max_ms: int = 10_000
     on_event: Callable[[PipelineEvent], None] | None = None
@@ -102,7 +102,7 @@ class MediaPipeline:
     playout: PlayoutBuffer = field(init=False)
     _vad: VoiceActivityDetector = field(init=False)
     _beep: BeepDetector | None = field(init=False)
-    _inband: InbandDtmfDetector | None = field(init=False)
+    _inband: InbandDtmfDetector | None = field(init=False, default=None)
     _prompts: deque[_Prompt] = field(init=False)
     _return: dict[int, Resampler] = field(init=False)
     _beep_reported: bool = field(init=False, default=False)
@@ -111,9 +111,16 @@ class MediaPipeline:
         self.playout = PlayoutBuffer(RATE, 20, self.playout_max_ms)
         self._vad = VoiceActivityDetector(RATE, 2)
         self._beep = BeepDetector(RATE) if self.detect_beep else None
-        self._inband = InbandDtmfDetector(RATE) if self.detect_inband_dtmf else None
         self._prompts = deque()
         self._return = {}
+
+    def use_inband_dtmf(self, enabled: bool) -> None:
+        """Detect DTMF tones in the caller's audio: for legs that negotiated no telephone-event
+        (the trunk sends tones in-band). Off by default: RFC 4733 digits are also audible."""
+        if not enabled:
+            self._inband = None
+        elif self._inband is None:
+            self._inband = InbandDtmfDetector(RATE)
 
     # -- agent → caller ------------------------------------------------------------------------
     def agent_audio(self, pcm: bytes, rate: int) -> None:
@@ -183,10 +190,8 @@ class MediaPipeline:
         if sink is None or sink.paused:
             return
         heard = SILENCE if self.muted else caller
-        assert sink.resampler is not None
         up = sink.resampler.process(heard)
         if sink.mix != "mono":
-            assert sink.out_resampler is not None
             other = sink.out_resampler.process(out)
             n = min(len(up), len(other))
             combine = interleave_stereo if sink.mix == "stereo" else mix_saturating

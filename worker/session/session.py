@@ -18,12 +18,14 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from media.g711 import ulaw_decode, ulaw_encode
 from media.playout import MarkReached, PlayoutBuffer, PlayoutCounters
 from media.prompts import PromptDecodeError, decode_audio_file
 from media.recorder import StereoMp3Recorder
+from media.resample import Resampler
+from media.stream import SAMPLE_RATE as RATE
 from worker.agent import listen_audio as la
 from worker.agent import twilio as tw
 from worker.agent.connection import (
@@ -82,7 +84,6 @@ from worker.session.tts import SynthesisError, Synthesizer
 from worker.sip.call import CallFailedError, CallState, SipCall
 from worker.sip.message import REASON_PHRASES
 
-RATE = 8000
 _END_CAUSE_TO_EVENT = {"busy": Event.BUSY, "no-answer": Event.NO_ANSWER, "cancelled": Event.HANGUP}
 
 
@@ -173,8 +174,6 @@ class CallSession:
         self._verb_task: asyncio.Task[None] | None = None
         self._replaced = False
         self._dtmf_waiters: list[Callable[[str], None]] = []
-        self._notify_events = False
-        self._listen_done: asyncio.Event | None = None
         self._sip_status = 100
         self._sip_reason = "Trying"
         self._failure: str | None = None  # why the agent could not take the call
@@ -220,14 +219,14 @@ class CallSession:
 
     def _on_leg_state(self, call: SipCall) -> None:
         if call.state is CallState.RINGING:
-            self._sip_status, self._sip_reason = 180, "Ringing"
+            self._set_sip_status(180)
             self._feed(Event.RING)
-        elif call.state is CallState.EARLY_MEDIA:
-            self._sip_status, self._sip_reason = 183, "Session Progress"
-            self._feed(Event.EARLY_MEDIA)
-        elif call.state is CallState.ANSWERED:
-            self._sip_status, self._sip_reason = 200, "OK"
-            self._feed(Event.ANSWER)
+        elif call.state in (CallState.EARLY_MEDIA, CallState.ANSWERED):
+            media = call.media
+            self.pipeline.use_inband_dtmf(media is not None and media.telephone_event_pt is None)
+            early = call.state is CallState.EARLY_MEDIA
+            self._set_sip_status(183 if early else 200)
+            self._feed(Event.EARLY_MEDIA if early else Event.ANSWER)
 
     def call_info(self) -> dict[str, Any]:
         """jambonz CallInfo (snake_case), as in ``call:status`` and ``verb:hook``."""
@@ -438,18 +437,28 @@ class CallSession:
             self._on_dtmf(event.digit, 100, "inband")
 
     def _on_marks(self, reached: list[MarkReached]) -> None:
-        for mark in reached:
-            if self.listen is not None and self.listen_protocol is not None:
-                self.listen.send_text(self.listen_protocol.mark_event(mark.name, "playout"))
-            elif self.twilio is not None:
-                self.twilio.send_mark(mark.name)
+        self._report_marks([mark.name for mark in reached], "playout")
 
     def _report_cleared(self, names: tuple[str, ...] | list[str]) -> None:
+        self._report_marks(names, "cleared")
+
+    def _report_marks(
+        self, names: tuple[str, ...] | list[str], event: Literal["playout", "cleared"]
+    ) -> None:
+        """Marks back to the agent: jambonz says which; Twilio echoes the mark either way."""
         for name in names:
             if self.listen is not None and self.listen_protocol is not None:
-                self.listen.send_text(self.listen_protocol.mark_event(name, "cleared"))
+                self.listen.send_text(self.listen_protocol.mark_event(name, event))
             elif self.twilio is not None:
                 self.twilio.send_mark(name)
+
+    def _transcribe(self, role: str, text: str) -> None:
+        """One transcript turn: kept for the call's result and published as an event."""
+        at = self._in_call()
+        self.transcript.append((role, text, at))
+        self.services.publish(
+            ev.CallTranscriptEvent(call_id=self.call_sid, role=role, text=text, at_sec=at)
+        )
 
     # ==========================================================================================
     # jambonz
@@ -555,12 +564,13 @@ class CallSession:
         return False
 
     async def _run_verb(self, verb: Verb) -> None:
-        if self._notify_events and self.control is not None:
+        # verb:status goes out only when config.notifyEvents is on (the connection decides).
+        if self.control is not None:
             self.control.verb_status("starting", verb=verb.verb, verb_id=verb.id)
         try:
             await self._dispatch(verb)
         finally:
-            if self._notify_events and self.control is not None and not self.call.is_ended:
+            if self.control is not None and not self.call.is_ended:
                 self.control.verb_status("finished", verb=verb.verb, verb_id=verb.id)
 
     async def _dispatch(self, verb: Verb) -> None:
@@ -607,10 +617,8 @@ class CallSession:
             await self.call.ring(early_media=True)
 
     def _apply_config(self, data: dict[str, Any]) -> None:
-        if "notifyEvents" in data:
-            self._notify_events = bool(data["notifyEvents"])
-            if self.control is not None:
-                self.control.notify_events = self._notify_events
+        if "notifyEvents" in data and self.control is not None:
+            self.control.notify_events = bool(data["notifyEvents"])
 
     # -- prompts -------------------------------------------------------------------------------
     async def _play_pcm(self, pcm: bytes) -> bool:
@@ -643,12 +651,7 @@ class CallSession:
                     return
                 if not await self._play_pcm(pcm):
                     return
-                self.transcript.append(("agent", text, self._in_call()))
-                self.services.publish(
-                    ev.CallTranscriptEvent(
-                        call_id=self.call_sid, role="agent", text=text, at_sec=self._in_call()
-                    )
-                )
+                self._transcribe("agent", text)
 
     async def _play(self, verb: PlayVerb) -> None:
         await self._ensure_media(verb.early_media)
@@ -751,7 +754,6 @@ class CallSession:
         info = self.call_info()
         metadata = protocol.metadata_message(info, verb.metadata)
         done = asyncio.Event()
-        self._listen_done = done
         result: dict[str, Any] = {}
         return_rate = verb.return_sample_rate
 
@@ -773,15 +775,7 @@ class CallSession:
                 result["reason"] = "disconnect"
                 done.set()
             elif isinstance(event, la.Transcription):
-                self.transcript.append((event.role or "agent", event.text, self._in_call()))
-                self.services.publish(
-                    ev.CallTranscriptEvent(
-                        call_id=self.call_sid,
-                        role=event.role or "agent",
-                        text=event.text,
-                        at_sec=self._in_call(),
-                    )
-                )
+                self._transcribe(event.role or "agent", event.text)
             elif isinstance(event, ListenClosed):
                 result.setdefault("reason", "socket-closed")
                 done.set()
@@ -828,7 +822,6 @@ class CallSession:
             self._dtmf_waiters.remove(on_digit)
             self.pipeline.sink = None
             self.listen = None
-            self._listen_done = None
             await connection.close(graceful=True)
             self._ignored_agent_frames += protocol.ignored_binary_frames
             self._agent_audio_dropped_ms += connection.dropped_ms
@@ -841,8 +834,6 @@ class CallSession:
                 pcm = event.audio
                 rate = event.sample_rate or 16000
                 if rate != RATE:
-                    from media.resample import Resampler
-
                     r = Resampler(rate, RATE)
                     pcm = r.process(pcm) + r.flush()
             else:

@@ -58,7 +58,6 @@ class CallEnd:
 @dataclass(slots=True)
 class CallStats:
     dtmf_received: list[str] = field(default_factory=list)
-    packets_in: int = 0
 
 
 class SipCall:
@@ -103,6 +102,7 @@ class SipCall:
         self.created_at = loop.time()
         self.on_hold = False
         self.resumed_at: float | None = None  # when the last hold ended
+        self._inactivity_timeout = ua.settings.rtp.inactivity_timeout_s
         self._timed_out = False
         # SIP bookkeeping the user agent keeps per call:
         self.offer: SessionDescription | None = None  # the SDP offer (theirs inbound, ours out)
@@ -193,7 +193,6 @@ class SipCall:
         stream = self.stream
         if stream is None:
             return
-        self.stats.packets_in += 1
         digit = stream.receive(packet, now)
         if digit is not None:
             self._dtmf(digit, "rfc4733")
@@ -229,12 +228,17 @@ class SipCall:
         self._check_inactivity(now)
 
     def _check_inactivity(self, now: float) -> None:
-        if self.on_hold:
+        # Runs every tick: plain comparisons, nothing allocated.
+        if self.on_hold or self._timed_out:
             return
-        marks = (self.endpoint.last_received, self.answered_at, self.resumed_at)
-        last = max((mark for mark in marks if mark is not None), default=None)
-        timeout = self.ua.settings.rtp.inactivity_timeout_s
-        if last is not None and now - last > timeout and not self._timed_out:
+        last = self.endpoint.last_received
+        since = self.answered_at
+        if since is not None and (last is None or since > last):
+            last = since
+        since = self.resumed_at
+        if since is not None and (last is None or since > last):
+            last = since
+        if last is not None and now - last > self._inactivity_timeout:
             self._timed_out = True  # hang up once, not on every tick until the BYE is out
             self.log.warning("no RTP from the peer", extra={"seconds": round(now - last, 1)})
             self.ua.spawn(self.hangup("rtp-timeout"))

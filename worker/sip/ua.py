@@ -48,7 +48,6 @@ from worker.sip.message import (
     make_response,
 )
 from worker.sip.sdp import (
-    Direction,
     LocalSdp,
     NoCommonCodecError,
     SdpParseError,
@@ -66,7 +65,6 @@ from worker.sip.transaction import (
     TransactionTimeout,
     Transport,
     TransportFailure,
-    UnmatchedResponse,
 )
 from worker.sip.transport import SipTransport
 
@@ -299,8 +297,7 @@ class UserAgent:
             call = self._call_for(event.response)
             if call is not None and not call.is_ended:
                 self.spawn(call.hangup("ack-timeout"))
-        elif isinstance(event, UnmatchedResponse):
-            pass
+        # UnmatchedResponse: a stray response (no transaction of ours) is dropped.
 
     # -- helpers -------------------------------------------------------------------------------
     def _via(self, transport: Transport) -> Via:
@@ -574,7 +571,7 @@ class UserAgent:
             return
         if early_media and call.offer is not None:
             body = self._answer_sdp(call)
-            response = self._respond(
+            self._respond(
                 call.invite, 183, to_tag=call.local_tag, body=body, content_type=SDP,
                 headers=[("Contact", str(self._contact(call.transport)))],
             )  # fmt: skip
@@ -582,12 +579,11 @@ class UserAgent:
             call.answered_at = self.now
             self._start_media(call)
         else:
-            response = self._respond(
+            self._respond(
                 call.invite, 180, to_tag=call.local_tag,
                 headers=[("Contact", str(self._contact(call.transport)))],
             )  # fmt: skip
             call.set_state(CallState.RINGING)
-        del response
         self._pump()
 
     def answer_call(self, call: SipCall) -> None:
@@ -1107,4 +1103,4 @@ def _refresh_delay(expires: int) -> float:
     return max(1.0, min(expires * 0.8, expires - 5.0))
 
 
-__all__ = ["Direction", "Registration", "SipCall", "UserAgent"]
+__all__ = ["Registration", "SipCall", "UserAgent"]
