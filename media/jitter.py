@@ -43,6 +43,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from media.rtp import seq_diff, ts_diff
+
 __all__ = [
     "Gap",
     "JitterBuffer",
@@ -68,7 +70,6 @@ _MAX_PACKET_S = 0.2  # longest acceptable packet
 _DEFAULT_PACKET_S = 0.02  # packet duration assumed before one has been seen
 _MIN_CHUNK_S = 0.01  # concealment comes in pieces of the last packet's duration, at least this
 _RESYNC_S = 1.0  # a timestamp this far ahead of the playout point is a jump
-_TS_HALF = 0x80000000
 _TS_MASK = 0xFFFFFFFF
 
 
@@ -141,11 +142,6 @@ class JitterStats:
     jitter_ms: float
     depth_ms: float
     target_ms: float
-
-
-def _ts_diff(a: int, b: int) -> int:
-    """``a - b`` for 32-bit RTP timestamps, the shorter way round."""
-    return ((a - b + _TS_HALF) & _TS_MASK) - _TS_HALF
 
 
 # One buffered packet: (output-timeline timestamp, payload, wire sequence, samples or 0, marker).
@@ -331,11 +327,9 @@ class JitterBuffer:
             self._accept(seq, ts, seq, ts, payload, samples, marker, now_units)
             return
         if ssrc == self._ssrc:
-            d = ((seq - self._high_raw_seq + 0x8000) & 0xFFFF) - 0x8000
+            d = seq_diff(seq, self._high_raw_seq)
             if -_MAX_MISORDER <= d <= _MAX_DROPOUT:
-                ext_ts = self._high_ext_ts + (
-                    ((ts - self._high_raw_ts + _TS_HALF) & _TS_MASK) - _TS_HALF
-                )
+                ext_ts = self._high_ext_ts + ts_diff(ts, self._high_raw_ts)
                 if abs(ext_ts - (now_units - self._offset)) <= self._resync_units:
                     if self._probe is not None:
                         self._probe = None
@@ -505,7 +499,7 @@ class JitterBuffer:
         # RFC 3550 A.8: J += (|D| - J) / 16 over consecutive arrivals of this stream.
         jitter_before = self._jitter
         if self._j_has_prev:
-            d = (now_units - self._j_arrival) - _ts_diff(ts, self._j_ts)
+            d = (now_units - self._j_arrival) - ts_diff(ts, self._j_ts)
             if d < 0.0:
                 d = -d
             self._jitter += (d - self._jitter) * 0.0625
@@ -627,18 +621,18 @@ class JitterBuffer:
         """A packet that does not follow the current stream: hold it, or resync on it."""
         probe = self._probe
         if probe is not None and ssrc == probe[2]:
-            ds = ((seq - probe[0] + 0x8000) & 0xFFFF) - 0x8000
+            ds = seq_diff(seq, probe[0])
             if ds == 0 and ts == probe[1]:
                 self._duplicated += 1
                 return
             if (
                 ds != 0
                 and -_PROBE_SPAN <= ds <= _PROBE_SPAN
-                and abs(_ts_diff(ts, probe[1]) - (now_units - probe[6])) <= self._resync_units
+                and abs(ts_diff(ts, probe[1]) - (now_units - probe[6])) <= self._resync_units
             ):
                 self._probe = None
                 self._resync(probe)
-                ext_ts = self._high_ext_ts + _ts_diff(ts, self._high_raw_ts)
+                ext_ts = self._high_ext_ts + ts_diff(ts, self._high_raw_ts)
                 self._accept(
                     self._high_ext_seq + ds, ext_ts, seq, ts, payload, samples, marker, now_units
                 )

@@ -12,6 +12,9 @@ import soxr
 COMMON_RATES = (8000, 16000, 24000, 48000)
 
 _EMPTY = np.zeros(0, dtype=np.float32)
+# Clamp with minimum/maximum and float32 bounds: np.clip costs ~1.5 us more per 20 ms chunk.
+_INT16_MIN = np.float32(-32768.0)
+_INT16_MAX = np.float32(32767.0)
 
 
 class Resampler:
@@ -93,5 +96,6 @@ class Resampler:
 
 def _to_pcm(samples: npt.NDArray[np.float32]) -> bytes:
     np.rint(samples, out=samples)
-    np.clip(samples, -32768.0, 32767.0, out=samples)
+    np.minimum(samples, _INT16_MAX, out=samples)
+    np.maximum(samples, _INT16_MIN, out=samples)
     return samples.astype("<i2").tobytes()
