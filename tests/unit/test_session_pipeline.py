@@ -1,5 +1,6 @@
-"""The media pipeline's taps: in-band DTMF is heard only on legs without RFC 4733, and the
-session switches it on from the negotiated media when the call is answered."""
+"""The media pipeline's taps: in-band DTMF is heard only on legs without RFC 4733 (the
+session switches it on from the negotiated media when the call is answered); the voicemail
+beep is listened for in a window at the start of the call, and reported once."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 
 from media.stream import FRAME_BYTES, SAMPLE_RATE
 from tests.unit.test_session_verbs import make_session
-from worker.session.pipeline import InbandDigit, MediaPipeline, PipelineEvent
+from worker.session.pipeline import BeepDetected, InbandDigit, MediaPipeline, PipelineEvent
 from worker.sip.call import CallState
 
 
@@ -58,3 +59,24 @@ class TestSessionSwitchesInbandDtmf:
         session._on_leg_state(leg)  # type: ignore[arg-type]
         _feed(session.pipeline, _tone_frames(852, 1477))
         assert session.digits == []
+
+
+def _beep_frames(seconds: float = 0.6) -> list[bytes]:
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    pcm = np.concatenate([9000 * np.sin(2 * np.pi * 1000 * t), np.zeros(SAMPLE_RATE // 2)])
+    data = pcm.astype("<i2").tobytes()
+    return [data[i : i + FRAME_BYTES] for i in range(0, len(data), FRAME_BYTES)]
+
+
+class TestVoicemailBeepWindow:
+    def test_beep_inside_the_window_is_reported_once(self) -> None:
+        events: list[PipelineEvent] = []
+        pipeline = MediaPipeline(on_event=events.append)
+        _feed(pipeline, _beep_frames() + _beep_frames())
+        assert [round(e.frequency) for e in events if isinstance(e, BeepDetected)] == [1000]
+
+    def test_beep_after_the_window_is_not_listened_for(self) -> None:
+        events: list[PipelineEvent] = []
+        pipeline = MediaPipeline(on_event=events.append, beep_window_ticks=10)
+        _feed(pipeline, [bytes(FRAME_BYTES)] * 10 + _beep_frames())
+        assert [e for e in events if isinstance(e, BeepDetected)] == []

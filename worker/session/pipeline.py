@@ -93,6 +93,7 @@ class MediaPipeline:
     recorder: StereoMp3Recorder | None = None
     barge_in: bool = False
     detect_beep: bool = True
+    beep_window_ticks: int = 60 * 50  # answering machines beep early: listen for 60 s only
     playout_max_ms: int = 10_000
     on_event: Callable[[PipelineEvent], None] | None = None
     on_marks: Callable[[list[MarkReached]], None] | None = None
@@ -105,7 +106,6 @@ class MediaPipeline:
     _inband: InbandDtmfDetector | None = field(init=False, default=None)
     _prompts: deque[_Prompt] = field(init=False)
     _return: dict[int, Resampler] = field(init=False)
-    _beep_reported: bool = field(init=False, default=False)
 
     def __post_init__(self) -> None:
         self.playout = PlayoutBuffer(RATE, 20, self.playout_max_ms)
@@ -211,12 +211,13 @@ class MediaPipeline:
                 self.counters.interruptions += 1
                 if emit is not None:
                     emit(Interruption(now, tuple(cleared)))
-        if self._beep is not None and not self._beep_reported:
+        if self._beep is not None:
+            # ~16 µs a tick: stop after the first beep or once the window has passed.
             beep = self._beep.feed(caller, now)
-            if beep is not None:
-                self._beep_reported = True
-                if emit is not None:
-                    emit(BeepDetected(now, beep.frequency))
+            if beep is not None or self.counters.ticks >= self.beep_window_ticks:
+                self._beep = None
+            if beep is not None and emit is not None:
+                emit(BeepDetected(now, beep.frequency))
         if self._inband is not None and emit is not None:
             for digit in self._inband.feed(caller, now):
                 emit(InbandDigit(digit))
