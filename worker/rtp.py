@@ -113,16 +113,19 @@ class RtpEndpoint(asyncio.DatagramProtocol):
         self.remote = remote
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
+        # Runs for every packet: compare fields, build no tuple. ``addr`` has four items over
+        # IPv6 (host, port, flowinfo, scope id); only host and port are the source.
         latched = self.latched
-        source = (addr[0], addr[1])
-        if latched is not None and source != latched:
+        if latched is not None and (addr[1] != latched[1] or addr[0] != latched[0]):
             self.endpoint_counters.foreign_source += 1
             return
         packet = parse_or_count(data, self.counters)
         if packet is None:
             return
-        if latched is None and source != self._former:
-            self.latched = source
+        if latched is None:
+            source = (addr[0], addr[1])
+            if source != self._former:
+                self.latched = source
         now = self._loop.time()
         self.last_received = now
         self._on_packet(packet, now)

@@ -29,7 +29,7 @@ from tests.sipp import SCENARIOS, Sipp, SippResult, free_port
 from worker.app import EchoRoute
 from worker.config import Settings, load_settings
 from worker.pacer import MediaPacer
-from worker.sip.call import CallFailedError, CallState, SipCall
+from worker.sip.call import CallEnd, CallFailedError, CallState, SipCall
 from worker.sip.transaction import Transport
 from worker.sip.ua import UserAgent
 
@@ -137,6 +137,32 @@ def scenario(name: str) -> str:
     return str(SCENARIOS / name)
 
 
+async def uac_call(
+    tmp_path: Path,
+    worker: UaHarness,
+    name: str,
+    *args: str,
+    service: str | None = "echo",
+    timeout_s: float = 20,
+) -> SippResult:
+    """SIPp places one call to the worker with scenario ``name`` (a file in ``scenarios/``, or
+    one of SIPp's own); its result, checked to have passed."""
+    which = ["-sf", scenario(name)] if name.endswith(".xml") else ["-sn", name]
+    called = ["-s", service] if service is not None else []
+    caller = sipp(
+        tmp_path, "sipp", worker.target, *which, *called, *args, "-m", "1", timeout_s=timeout_s
+    )
+    result = await caller.run()
+    assert_ok(result)
+    return result
+
+
+async def first_call_ended(worker: UaHarness) -> tuple[SipCall, CallEnd]:
+    """The worker's first call, once it has ended, and why it ended."""
+    call = worker.calls[0]
+    return call, await asyncio.wait_for(call.ended, WAIT)
+
+
 def assert_ok(result: SippResult) -> None:
     assert result.returncode == 0, result.explain()
 
@@ -180,14 +206,9 @@ class TestRfc3261Section13InboundCallWithSippPcap:
 
     async def test_uac_pcap_call_media_dtmf_and_bye(self, tmp_path: Path) -> None:
         async with running(tmp_path) as worker:
-            result = await sipp(
-                tmp_path, "sipp", worker.target, "-sn", "uac_pcap", "-s", "echo", "-m", "1",
-                timeout_s=30,
-            ).run()  # fmt: skip
-            assert_ok(result)
+            result = await uac_call(tmp_path, worker, "uac_pcap", timeout_s=30)
             assert len(worker.calls) == 1
-            call = worker.calls[0]
-            end = await asyncio.wait_for(call.ended, WAIT)
+            call, end = await first_call_ended(worker)
             assert end.cause == "remote-bye"
             assert call.media is not None
             assert call.media.codec == "PCMA"
@@ -207,13 +228,8 @@ class TestRfc4733Section2_5DigitsFromSippCaptures:
 
     async def test_one_five_pound(self, tmp_path: Path) -> None:
         async with running(tmp_path) as worker:
-            result = await sipp(
-                tmp_path, "sipp", worker.target, "-sf", scenario("uac_dtmf_sequence.xml"),
-                "-s", "echo", "-m", "1", timeout_s=30,
-            ).run()  # fmt: skip
-            assert_ok(result)
-            call = worker.calls[0]
-            await asyncio.wait_for(call.ended, WAIT)
+            await uac_call(tmp_path, worker, "uac_dtmf_sequence.xml", timeout_s=30)
+            call, _ = await first_call_ended(worker)
             assert call.stats.dtmf_received == ["1", "5", "#"]
             assert call.stream is not None
             assert call.stream.counters.dtmf_in == 3
@@ -227,11 +243,7 @@ class TestRfc4733Section2_5DigitsFromSippCaptures:
             await echo(call)
 
         async with running(tmp_path, handler) as worker:
-            result = await sipp(
-                tmp_path, "sipp", worker.target, "-sf", scenario("uac_dtmf_sequence.xml"),
-                "-s", "echo", "-m", "1", timeout_s=30,
-            ).run()  # fmt: skip
-            assert_ok(result)
+            await uac_call(tmp_path, worker, "uac_dtmf_sequence.xml", timeout_s=30)
             await asyncio.wait_for(worker.calls[0].ended, WAIT)
         assert presses == [(d, DTMF_PCAP_MS, "rfc4733") for d in ("1", "5", "#")]
 
@@ -242,13 +254,8 @@ class TestRfc3261Section18_3SipOverTcp:
 
     async def test_inbound_call_over_tcp(self, tmp_path: Path) -> None:
         async with running(tmp_path) as worker:
-            result = await sipp(
-                tmp_path, "sipp", worker.target, "-sf", scenario("uac_dtmf_sequence.xml"),
-                "-t", "t1", "-s", "echo", "-m", "1", timeout_s=30,
-            ).run()  # fmt: skip
-            assert_ok(result)
-            call = worker.calls[0]
-            end = await asyncio.wait_for(call.ended, WAIT)
+            await uac_call(tmp_path, worker, "uac_dtmf_sequence.xml", "-t", "t1", timeout_s=30)
+            call, end = await first_call_ended(worker)
             assert call.transport is Transport.TCP
             assert end.cause == "remote-bye"
             assert call.stats.dtmf_received == ["1", "5", "#"]
@@ -444,13 +451,10 @@ class TestRfc3261Section9_1Cancel:
             await asyncio.wait_for(asyncio.shield(call.ended), WAIT)
 
         async with running(tmp_path, ring_only) as worker:
-            result = await sipp(
-                tmp_path, "sipp", worker.target, "-sf", scenario("uac_cancel.xml"),
-                "-s", "ring", "-m", "1", timeout_s=30,
-            ).run()  # fmt: skip
-            assert_ok(result)
-            call = worker.calls[0]
-            end = await asyncio.wait_for(call.ended, WAIT)
+            result = await uac_call(
+                tmp_path, worker, "uac_cancel.xml", service="ring", timeout_s=30
+            )
+            call, end = await first_call_ended(worker)
             assert end.cause == "cancelled"
             assert end.sip_status == 487
             with pytest.raises(CallFailedError):
@@ -520,13 +524,10 @@ class TestRfc3264Section8_4HoldAndResume:
 
         # The caller sends no RTP at all: only the hold keeps the inactivity timer away.
         async with running(tmp_path, handler, rtp={"inactivity_timeout_s": 1.5}) as worker:
-            result = await sipp(
-                tmp_path, "sipp", worker.target, "-sf", scenario("uac_hold_resume.xml"),
-                "-s", "echo", "-d", "2000", "-m", "1", timeout_s=30,
-            ).run()  # fmt: skip
-            assert_ok(result)
-            call = worker.calls[0]
-            end = await asyncio.wait_for(call.ended, WAIT)
+            result = await uac_call(
+                tmp_path, worker, "uac_hold_resume.xml", "-d", "2000", timeout_s=30
+            )
+            _, end = await first_call_ended(worker)
             assert end.cause == "remote-bye"
             await worker.assert_released()
         # answered, held, resumed, ended
@@ -606,13 +607,8 @@ class TestRfc3261Section15_1ByeFromTheWorker:
             await call.hangup()
 
         async with running(tmp_path, answer_then_hang_up) as worker:
-            result = await sipp(
-                tmp_path, "sipp", worker.target, "-sf", scenario("uac_wait_bye.xml"),
-                "-s", "echo", "-m", "1", timeout_s=30,
-            ).run()  # fmt: skip
-            assert_ok(result)
-            call = worker.calls[0]
-            end = await asyncio.wait_for(call.ended, WAIT)
+            result = await uac_call(tmp_path, worker, "uac_wait_bye.xml", timeout_s=30)
+            _, end = await first_call_ended(worker)
             assert end.cause == "local-hangup"
             byes = result.received("BYE ")
             assert len(byes) == 1
@@ -644,13 +640,8 @@ class TestRfc3550Section6_3_5RtpInactivity:
     async def test_silent_caller_is_hung_up(self, tmp_path: Path) -> None:
         async with running(tmp_path, rtp={"inactivity_timeout_s": 1.0}) as worker:
             started = time.monotonic()
-            result = await sipp(
-                tmp_path, "sipp", worker.target, "-sf", scenario("uac_wait_bye.xml"),
-                "-s", "echo", "-m", "1", timeout_s=20,
-            ).run()  # fmt: skip
-            assert_ok(result)
-            call = worker.calls[0]
-            end = await asyncio.wait_for(call.ended, WAIT)
+            result = await uac_call(tmp_path, worker, "uac_wait_bye.xml")
+            _, end = await first_call_ended(worker)
             assert end.cause == "rtp-timeout"
             assert 1.0 <= time.monotonic() - started < 3.0
             assert len(result.received("BYE ")) == 1
@@ -663,13 +654,8 @@ class TestRfc3261Section13_3_1_4AckNeverComes:
 
     async def test_bye_after_64_t1_without_ack(self, tmp_path: Path) -> None:
         async with running(tmp_path, sip={"t1_ms": 50}) as worker:
-            result = await sipp(
-                tmp_path, "sipp", worker.target, "-sf", scenario("uac_no_ack.xml"),
-                "-s", "echo", "-m", "1", timeout_s=20,
-            ).run()  # fmt: skip
-            assert_ok(result)
-            call = worker.calls[0]
-            end = await asyncio.wait_for(call.ended, WAIT)
+            result = await uac_call(tmp_path, worker, "uac_no_ack.xml")
+            call, end = await first_call_ended(worker)
             assert end.cause == "ack-timeout"
             assert call.ended_at is not None
             assert call.answered_at is not None
@@ -690,13 +676,8 @@ class TestRfc3264Section5OfferInThe2xx:
             await call.hangup()
 
         async with running(tmp_path, answer_then_hang_up) as worker:
-            result = await sipp(
-                tmp_path, "sipp", worker.target, "-sf", scenario("uac_late_offer.xml"),
-                "-s", "echo", "-m", "1", timeout_s=20,
-            ).run()  # fmt: skip
-            assert_ok(result)
-            call = worker.calls[0]
-            await asyncio.wait_for(call.ended, WAIT)
+            result = await uac_call(tmp_path, worker, "uac_late_offer.xml")
+            call, _ = await first_call_ended(worker)
             assert call.media is not None
             assert call.media.codec == "PCMU"
             assert call.endpoint.remote is not None
@@ -748,20 +729,12 @@ class TestRfc3261Section21RefusedRequests:
 
     async def test_oversized_request_gets_513(self, tmp_path: Path) -> None:
         async with running(tmp_path, sip={"max_message_bytes": 1024}) as worker:
-            result = await sipp(
-                tmp_path, "sipp", worker.target, "-sf", scenario("uac_options_oversized.xml"),
-                "-m", "1", timeout_s=20,
-            ).run()  # fmt: skip
-            assert_ok(result)
+            await uac_call(tmp_path, worker, "uac_options_oversized.xml", service=None)
             assert worker.ua.counters.malformed_answered == 1
 
     async def test_invite_from_untrusted_source_gets_403(self, tmp_path: Path) -> None:
         async with running(tmp_path, sip={"trusted_sources": []}) as worker:
-            result = await sipp(
-                tmp_path, "sipp", worker.target, "-sf", scenario("uac_invite_forbidden.xml"),
-                "-s", "echo", "-m", "1", timeout_s=20,
-            ).run()  # fmt: skip
-            assert_ok(result)
+            result = await uac_call(tmp_path, worker, "uac_invite_forbidden.xml")
             assert worker.ua.counters.forbidden == 1
             assert worker.calls == []
             await worker.assert_released()
@@ -769,11 +742,7 @@ class TestRfc3261Section21RefusedRequests:
 
     async def test_offer_without_a_common_codec_gets_488(self, tmp_path: Path) -> None:
         async with running(tmp_path) as worker:
-            result = await sipp(
-                tmp_path, "sipp", worker.target, "-sf", scenario("uac_invite_g729.xml"),
-                "-s", "echo", "-m", "1", timeout_s=20,
-            ).run()  # fmt: skip
-            assert_ok(result)
+            result = await uac_call(tmp_path, worker, "uac_invite_g729.xml")
             assert worker.ua.counters.no_common_codec == 1
             assert worker.calls == []
             await worker.assert_released()
@@ -781,21 +750,13 @@ class TestRfc3261Section21RefusedRequests:
 
     async def test_request_in_unknown_dialog_gets_481(self, tmp_path: Path) -> None:
         async with running(tmp_path) as worker:
-            result = await sipp(
-                tmp_path, "sipp", worker.target, "-sf", scenario("uac_bye_unknown_dialog.xml"),
-                "-s", "echo", "-m", "1", timeout_s=20,
-            ).run()  # fmt: skip
-            assert_ok(result)
+            await uac_call(tmp_path, worker, "uac_bye_unknown_dialog.xml")
             assert worker.ua.counters.no_dialog == 1
 
     async def test_rate_limit_gets_503_with_retry_after(self, tmp_path: Path) -> None:
         limits = {"rate_limit_per_second": 0.5, "rate_limit_burst": 2}
         async with running(tmp_path, sip=limits) as worker:
-            result = await sipp(
-                tmp_path, "sipp", worker.target, "-sf", scenario("uac_options_rate_limited.xml"),
-                "-s", "echo", "-m", "1", timeout_s=20,
-            ).run()  # fmt: skip
-            assert_ok(result)
+            result = await uac_call(tmp_path, worker, "uac_options_rate_limited.xml")
             assert worker.ua.counters.rate_limited == 1
         refused = result.received("SIP/2.0 503")
         assert len(refused) == 1

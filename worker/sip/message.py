@@ -1408,6 +1408,13 @@ def error_response(error: SipMessageError, *, to_tag: str | None = None) -> SipR
 def make_cancel(invite: SipRequest) -> SipRequest:
     """CANCEL for a pending INVITE (RFC 3261 §9.1): same Request-URI, Call-ID, From, To, top Via
     (so the same branch), Route; CSeq number kept with method CANCEL."""
+    return request_on_invite_branch(invite, "CANCEL", invite.headers["To"])
+
+
+def request_on_invite_branch(invite: SipRequest, method: str, to: str) -> SipRequest:
+    """A request that travels on the INVITE's branch (CANCEL, §9.1; the ACK for a non-2xx,
+    §17.1.1.3): the INVITE's Request-URI, top Via, Route, From, Call-ID and CSeq number, with
+    ``method`` and the To header field value ``to``."""
     src = invite.headers
     out = Headers()
     out._add_trusted("Via", src["Via"])
@@ -1415,7 +1422,7 @@ def make_cancel(invite: SipRequest) -> SipRequest:
         out._add_trusted("Route", route)
     out._add_trusted("Max-Forwards", "70")
     out._add_trusted("From", src["From"])
-    out._add_trusted("To", src["To"])
+    out._add_trusted("To", to)
     out._add_trusted("Call-ID", src["Call-ID"])
-    out._add_trusted("CSeq", f"{invite.cseq.number} CANCEL")
-    return SipRequest("CANCEL", invite.uri, out)
+    out._add_trusted("CSeq", f"{invite.cseq.number} {method}")
+    return SipRequest(method, invite.uri, out)

@@ -110,7 +110,7 @@ class Connection:
 
     @classmethod
     def for_address(cls, address: str) -> Connection:
-        return cls(address, "IN", "IP6" if ":" in address else "IP4")
+        return cls(address, "IN", _addr_type(address))
 
     @property
     def host(self) -> str:
@@ -402,10 +402,6 @@ def _codec_names(codecs: Iterable[str]) -> list[str]:
     return out
 
 
-def _connection_for(address: str) -> Connection:
-    return Connection.for_address(address)
-
-
 def _audio_section(
     port: int,
     codecs: Sequence[tuple[int, str, int]],
@@ -442,7 +438,7 @@ def make_offer(
     event = (telephone_event_pt, "0-16") if telephone_event_pt is not None else None
     return SessionDescription(
         origin=origin or Origin("-", _new_session_id(), 1, address, "IN", _addr_type(address)),
-        connection=_connection_for(address),
+        connection=Connection.for_address(address),
         media=[_audio_section(port, listed, event, ptime, direction)],
     )
 
@@ -552,7 +548,7 @@ def negotiate(
             )
     answer = SessionDescription(
         origin=origin or Origin("-", _new_session_id(), 1, address, "IN", _addr_type(address)),
-        connection=_connection_for(address),
+        connection=Connection.for_address(address),
         media=sections,
     )
     negotiated = NegotiatedMedia(

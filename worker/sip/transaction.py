@@ -36,18 +36,18 @@ import itertools
 import logging
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final
+from typing import ClassVar, Final
 
 from worker.errors import LocalError
 from worker.sip.message import (
     MAGIC_COOKIE,
-    Headers,
     Message,
     SipMessage,
     SipRequest,
     SipResponse,
     Via,
     make_response,
+    request_on_invite_branch,
     strip_brackets,
 )
 
@@ -180,6 +180,8 @@ class AckTimeout(TransactionEvent):
 
 
 class _Transaction:
+    initial_state: ClassVar[TransactionState]
+
     __slots__ = (
         "destination",
         "id",
@@ -198,14 +200,13 @@ class _Transaction:
         request: SipRequest,
         destination: Address,
         transport: Transport,
-        state: TransactionState,
     ) -> None:
         self.id = tid
         self.layer = layer
         self.request = request
         self.destination = destination
         self.transport = transport
-        self.state = state
+        self.state = self.initial_state
         self.timers: dict[str, float] = {}
         self.interval = layer.timers.t1
 
@@ -254,9 +255,8 @@ class _ClientTransaction(_Transaction):
         request: SipRequest,
         destination: Address,
         transport: Transport,
-        state: TransactionState,
     ) -> None:
-        super().__init__(layer, tid, request, destination, transport, state)
+        super().__init__(layer, tid, request, destination, transport)
         self.data = request.serialize()
 
     def start(self, now: float) -> None:
@@ -272,6 +272,7 @@ class _ClientTransaction(_Transaction):
 class InviteClientTransaction(_ClientTransaction):
     """RFC 3261 §17.1.1 with RFC 6026's Accepted state."""
 
+    initial_state = TransactionState.CALLING
     __slots__ = ("ack", "acks_2xx")
 
     def __init__(
@@ -282,7 +283,7 @@ class InviteClientTransaction(_ClientTransaction):
         destination: Address,
         transport: Transport,
     ) -> None:
-        super().__init__(layer, tid, request, destination, transport, TransactionState.CALLING)
+        super().__init__(layer, tid, request, destination, transport)
         self.ack: bytes | None = None
         self.acks_2xx: dict[str | None, bytes] = {}
 
@@ -351,17 +352,8 @@ class InviteClientTransaction(_ClientTransaction):
 class NonInviteClientTransaction(_ClientTransaction):
     """RFC 3261 §17.1.2."""
 
+    initial_state = TransactionState.TRYING
     __slots__ = ()
-
-    def __init__(
-        self,
-        layer: TransactionLayer,
-        tid: str,
-        request: SipRequest,
-        destination: Address,
-        transport: Transport,
-    ) -> None:
-        super().__init__(layer, tid, request, destination, transport, TransactionState.TRYING)
 
     def start(self, now: float) -> None:
         self._send(self.data)
@@ -408,9 +400,8 @@ class _ServerTransaction(_Transaction):
         request: SipRequest,
         destination: Address,
         transport: Transport,
-        state: TransactionState,
     ) -> None:
-        super().__init__(layer, tid, request, destination, transport, state)
+        super().__init__(layer, tid, request, destination, transport)
         self.last_response: SipResponse | None = None
         self.response_data: bytes | None = None
 
@@ -433,6 +424,7 @@ class _ServerTransaction(_Transaction):
 class InviteServerTransaction(_ServerTransaction):
     """RFC 3261 §17.2.1 with RFC 6026's Accepted state and the §13.3.1.4 2xx retransmission."""
 
+    initial_state = TransactionState.PROCEEDING
     __slots__ = ("ack_key", "acked", "answer_interval")
 
     def __init__(
@@ -443,7 +435,7 @@ class InviteServerTransaction(_ServerTransaction):
         destination: Address,
         transport: Transport,
     ) -> None:
-        super().__init__(layer, tid, request, destination, transport, TransactionState.PROCEEDING)
+        super().__init__(layer, tid, request, destination, transport)
         self.ack_key: tuple[str, int, str | None] | None = None
         self.acked = False
         self.answer_interval = layer.timers.t1
@@ -523,17 +515,8 @@ class InviteServerTransaction(_ServerTransaction):
 class NonInviteServerTransaction(_ServerTransaction):
     """RFC 3261 §17.2.2."""
 
+    initial_state = TransactionState.TRYING
     __slots__ = ()
-
-    def __init__(
-        self,
-        layer: TransactionLayer,
-        tid: str,
-        request: SipRequest,
-        destination: Address,
-        transport: Transport,
-    ) -> None:
-        super().__init__(layer, tid, request, destination, transport, TransactionState.TRYING)
 
     def on_request(self, request: SipRequest, now: float) -> None:
         if self.state is not TransactionState.TRYING:
@@ -565,17 +548,7 @@ def build_non_2xx_ack(invite: SipRequest, response: SipResponse) -> SipRequest:
     Same Request-URI, Call-ID, From, Route and top Via (so the same branch) as the INVITE; To from
     the response (with its tag); CSeq number of the INVITE with method ACK.
     """
-    src = invite.headers
-    headers = Headers()
-    headers._add_trusted("Via", src["Via"])
-    for route in src.get_all("Route"):
-        headers._add_trusted("Route", route)
-    headers._add_trusted("Max-Forwards", "70")
-    headers._add_trusted("From", src["From"])
-    headers._add_trusted("To", response.headers["To"])
-    headers._add_trusted("Call-ID", src["Call-ID"])
-    headers._add_trusted("CSeq", f"{invite.cseq.number} ACK")
-    return SipRequest("ACK", invite.uri, headers)
+    return request_on_invite_branch(invite, "ACK", response.headers["To"])
 
 
 def response_destination(via: Via, source: Address, transport: Transport) -> Address:

@@ -16,7 +16,6 @@ from typing import cast
 
 from worker.sip.message import (
     Message,
-    MessageTooLarge,
     SipMessageError,
     StreamFramer,
     is_keepalive,
@@ -160,7 +159,7 @@ class SipTransport:
             return
         try:
             message = parse(data, max_size=self.max_message_bytes)
-        except (MessageTooLarge, SipMessageError) as exc:
+        except SipMessageError as exc:  # MessageTooLarge included
             self.on_error(exc, source, Transport.UDP)
             return
         self.on_message(message, source, Transport.UDP)

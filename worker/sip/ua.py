@@ -571,12 +571,12 @@ class UserAgent:
             return
         if early_media and call.offer is not None:
             body = self._answer_sdp(call)
+            call.answered_at = self.now  # media starts with the 183
             self._respond(
                 call.invite, 183, to_tag=call.local_tag, body=body, content_type=SDP,
                 headers=[("Contact", str(self._contact(call.transport)))],
             )  # fmt: skip
             call.set_state(CallState.EARLY_MEDIA)
-            call.answered_at = self.now
             self._start_media(call)
         else:
             self._respond(
@@ -596,6 +596,7 @@ class UserAgent:
         else:
             body = self._answer_sdp(call)
         contact = self._contact(call.transport)
+        call.answered_at = self.now  # before the 200 leaves: its timers (H) start from here
         response = self._respond(
             call.invite, 200, to_tag=call.local_tag, body=body, content_type=SDP,
             headers=[("Contact", str(contact))],
@@ -603,7 +604,6 @@ class UserAgent:
         call.dialog = Dialog.from_uas(call.invite, response, contact)
         self._forget_pending(call)
         call.set_state(CallState.ANSWERED)
-        call.answered_at = self.now
         if not call.answered.done():
             call.answered.set_result(None)
         self._start_media(call)
