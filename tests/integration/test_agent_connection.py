@@ -316,6 +316,14 @@ class TestJambonzConnectFailures:
         assert info.value.kind == "timeout"
         assert len(accepted) == 1
 
+    @pytest.mark.parametrize("url", ["ws://[::1/agent", "ws://127.0.0.1:99999/agent"])
+    async def test_a_malformed_url_is_a_connect_error(self, url: str) -> None:
+        conn = JambonzConnection(url, CALL_SID, username="u", password="p")
+        with pytest.raises(AgentConnectError, match="invalid URL") as info:
+            await conn.connect()
+        assert info.value.kind == "url"
+        await conn.close()
+
     async def test_session_new_waiting_before_a_failed_connect_fails(self) -> None:
         conn = JambonzConnection(f"ws://127.0.0.1:{_closed_port()}/#rc=0", CALL_SID)
         pending = asyncio.ensure_future(conn.session_new(_session_data()))
@@ -748,6 +756,14 @@ class TestListenFirstFrameRule:
         with pytest.raises(AgentConnectError, match=r"audio\.jambonz\.org") as info:
             await conn.connect()
         assert info.value.kind == "subprotocol"
+        await conn.close()
+
+    @pytest.mark.parametrize("url", ["ws://[::1/audio", "wss://agent.example:70000/audio"])
+    async def test_a_malformed_url_from_the_app_is_a_connect_error(self, url: str) -> None:
+        conn = ListenConnection(url, la.ListenAudioProtocol(), METADATA, username="u", password="p")
+        with pytest.raises(AgentConnectError, match="invalid URL") as info:
+            await conn.connect()
+        assert info.value.kind == "url"
         await conn.close()
 
     async def test_ws_auth_becomes_basic_auth(self, audio_server: AgentServer) -> None:

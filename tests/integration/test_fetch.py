@@ -304,11 +304,22 @@ class TestOtherSources:
             ("data:audio/wav;base64,AAAA", "unsupported URL scheme 'data'"),
             ("file://otherhost/a.wav", "file URLs on other hosts are not supported"),
             ("", "not a valid path"),
+            ("http://127.0.0.1:99999/a.wav", r"<invalid URL>: invalid URL \(Port out of range"),
+            ("http://[::1/a.wav", "<invalid URL>: invalid URL"),
         ],
     )
     async def test_refused(self, source: str, message: str, fetcher: AudioFetcher) -> None:
         with pytest.raises(FetchError, match=message):
             await fetcher.fetch(source, 8000)
+
+    async def test_credentials_are_not_shown(self, fetcher: AudioFetcher) -> None:
+        with socket.socket() as sock:  # a port nobody listens on
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        with pytest.raises(FetchError) as info:
+            await fetcher.fetch(f"http://user:pw-s3cret@127.0.0.1:{port}/a.wav?sig=x", 8000)
+        assert "s3cret" not in str(info.value)
+        assert f"http://127.0.0.1:{port}/a.wav?…" in str(info.value)
 
     async def test_bad_sample_rate(self, fetcher: AudioFetcher) -> None:
         with pytest.raises(ValueError, match="sample_rate"):

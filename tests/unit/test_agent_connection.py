@@ -130,3 +130,7 @@ class TestRedactUrl:
 
     def test_ipv6_host_keeps_its_brackets(self) -> None:
         assert redact_url("ws://[::1]:9000/a") == "ws://[::1]:9000/a"
+
+    @pytest.mark.parametrize("url", ["ws://[::1/a", "ws://agent.example:99999/a"])
+    def test_a_malformed_url_is_shown_as_invalid_without_raising(self, url: str) -> None:
+        assert redact_url(url) == "<invalid URL>"

@@ -37,7 +37,7 @@ import logging
 import math
 import urllib.parse
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Literal, TypeAlias, TypeVar
 
@@ -55,6 +55,7 @@ from websockets.typing import Subprotocol
 from worker.agent import listen_audio, twilio
 from worker.agent.jambonz import (
     ACK_TIMEOUT,
+    SUBPROTOCOL,
     TYPES_WANTING_ACK,
     AckDiscarded,
     AckFailed,
@@ -66,6 +67,7 @@ from worker.agent.jambonz import (
     HangupRequired,
     JambonzControl,
     OutgoingMessage,
+    backoff_delays,
 )
 from worker.agent.jambonz import (
     InvalidMessage as InvalidAppMessage,
@@ -235,27 +237,20 @@ def parse_retry_fragment(url: str) -> tuple[str, RetryPolicy]:
     return base, RetryPolicy(retries, retry_on)
 
 
-def _backoff_delays() -> Iterator[float]:
-    """jambonz's backoff: 0.5, 1, 2 s, then +2 s per try."""
-    delay = 0.5
-    while True:
-        yield delay
-        delay = delay * 2 if delay < 2 else delay + 2
-
-
 # --------------------------------------------------------------------------- opening a socket
 
 
 def redact_url(url: str) -> str:
-    """``scheme://host[:port]/path``: no credentials, query or fragment (safe for logs)."""
-    parts = urllib.parse.urlsplit(url)
+    """``scheme://host[:port]/path``: no credentials, query or fragment (safe for logs);
+    ``<invalid URL>`` when it cannot be parsed. Never raises."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "<invalid URL>"
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
     netloc = f"{host}:{port}" if port is not None else host
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
@@ -263,7 +258,11 @@ def redact_url(url: str) -> str:
 def _basic_auth(url: str, username: str | None, password: str | None) -> dict[str, str]:
     if username is None and password is None:
         return {}
-    if urllib.parse.urlsplit(url).username is not None:
+    try:
+        in_url = urllib.parse.urlsplit(url).username is not None
+    except ValueError:
+        in_url = False  # connect() reports the malformed URL
+    if in_url:
         raise LocalError("credentials given both in the URL and as username/password")
     token = base64.b64encode(f"{username or ''}:{password or ''}".encode()).decode("ascii")
     return {"Authorization": f"Basic {token}"}
@@ -281,6 +280,10 @@ async def _open_websocket(
 ) -> ClientConnection:
     """Open one client connection, turning every failure into :class:`AgentConnectError`."""
     shown = redact_url(url)
+    try:
+        _ = urllib.parse.urlsplit(url).port  # raises for a bad host or port
+    except ValueError as exc:
+        raise AgentConnectError(shown, "url", f"invalid URL ({exc})") from None
     try:
         ws = await connect(
             url,
@@ -605,7 +608,9 @@ class _AudioLaneConnection(Generic[_E]):
 
     # ------------------------------------------------------------------ closing
 
-    async def _close(self, graceful: bool) -> None:
+    async def close(self, graceful: bool = True) -> None:
+        """Close with 1000. ``graceful``: first send the queued texts and audio, then the final
+        messages (see the subclass); otherwise drop them. Idempotent."""
         if self._closing:
             await self._done.wait()
             return
@@ -643,7 +648,8 @@ class ListenConnection(_AudioLaneConnection[ListenConnectionEvent]):
     ``connect()`` sends ``metadata_text`` as the first frame. ``send_audio`` takes the frames
     :meth:`ListenAudioProtocol.audio_frame` builds; ``send_text`` takes DTMF, mark and
     ``playDone`` texts. What the agent sends arrives at ``on_event`` as the protocol's events;
-    the socket closing (whoever closed it) arrives once as :class:`ListenClosed`. There is no
+    the socket closing (whoever closed it) arrives once as :class:`ListenClosed`. A graceful
+    ``close()`` ends with a zero-length binary frame (mod_audio_fork's end of audio). There is no
     reconnect: jambonz ends the verb when this socket drops.
     """
 
@@ -686,11 +692,6 @@ class ListenConnection(_AudioLaneConnection[ListenConnectionEvent]):
         self._audio.push(pcm)
         self._wake.set()
 
-    async def close(self, graceful: bool = True) -> None:
-        """Close with 1000. ``graceful``: first send the queued texts and audio, then a
-        zero-length binary frame (mod_audio_fork's end of audio); otherwise drop them."""
-        await self._close(graceful)
-
     def _first_messages(self) -> list[str]:
         return [self.metadata_text]
 
@@ -714,7 +715,8 @@ class TwilioConnection(_AudioLaneConnection[TwilioConnectionEvent]):
     each queued chunk becomes a ``media`` message when it is sent (sequence numbers stay in wire
     order; the timestamp is the chunk's place in the call, dropped audio included).
     ``send_text`` / ``send_dtmf`` / ``send_mark`` jump ahead of queued media. What the agent
-    sends arrives at ``on_event``; the socket closing arrives once as :class:`TwilioClosed`.
+    sends arrives at ``on_event``; the socket closing arrives once as :class:`TwilioClosed`. A
+    graceful ``close()`` ends with ``stop``.
     """
 
     subprotocol = None
@@ -766,10 +768,6 @@ class TwilioConnection(_AudioLaneConnection[TwilioConnectionEvent]):
         """Echo a mark (its audio played, or was cleared)."""
         if not self._ended:
             self.send_text(self.stream.mark(name))
-
-    async def close(self, graceful: bool = True) -> None:
-        """Close with 1000. ``graceful``: first send the queued texts and media, then ``stop``."""
-        await self._close(graceful)
 
     def _first_messages(self) -> list[str]:
         return [self.stream.connected(), self.stream.start()]
@@ -871,7 +869,7 @@ class JambonzConnection:
             raise LocalError("connect() may be called once, before close()")
         self._connecting = True
         loop = asyncio.get_running_loop()
-        delays = _backoff_delays()
+        delays = backoff_delays()
         attempt = 0
         try:
             while True:
@@ -917,7 +915,7 @@ class JambonzConnection:
     async def _open(self) -> ClientConnection:
         return await _open_websocket(
             self.url,
-            subprotocol="ws.jambonz.org",
+            subprotocol=SUBPROTOCOL,
             headers=self._headers,
             open_timeout=self.open_timeout,
             close_timeout=self.close_timeout,

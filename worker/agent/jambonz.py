@@ -44,7 +44,7 @@ import json
 import re
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
@@ -87,6 +87,7 @@ __all__ = [
     "RedirectCommand",
     "RedirectHookCommand",
     "SipRequestCommand",
+    "backoff_delays",
     "camel_case_keys",
     "snake_case_key",
     "snake_case_keys",
@@ -479,6 +480,14 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+def backoff_delays() -> Iterator[float]:
+    """jambonz's reconnect backoff: 0.5, 1, 2 s, then +2 s per try (rule 5)."""
+    delay = 0.5
+    while True:
+        yield delay
+        delay = delay * 2 if delay < 2 else delay + 2
+
+
 # --------------------------------------------------------------------------- the protocol
 
 
@@ -519,7 +528,7 @@ class JambonzControl:
         self._session_data: dict[str, Any] | None = None
         self._transfer: _Message | None = None
         self._reconnects = 0
-        self._backoff = 0.5
+        self._backoff = backoff_delays()
         self.late_acks = 0
         self.unknown_acks = 0
         self.invalid_messages = 0
@@ -757,8 +766,7 @@ class JambonzControl:
             )
         self._state = ControlState.RECONNECTING
         self._reconnects += 1
-        delay = self._backoff
-        self._backoff = self._backoff * 2 if self._backoff < 2 else self._backoff + 2
+        delay = next(self._backoff)
         return ReconnectDecision(True, delay, now + delay, self._reconnects, False, why, failed)
 
     def _drop_connection(self) -> tuple[AckFailed, ...]:

@@ -209,9 +209,8 @@ class JsonlSink:
     def _write(self, lines: list[str]) -> None:
         if self._file is None:
             self._file = self.path.open("a", encoding="utf-8")
-        for line in lines:
-            self._file.write(line)
-            self._file.flush()
+        self._file.writelines(lines)
+        self._file.flush()
 
     async def flush(self) -> None:
         """Wait until every event delivered so far is written (or dropped, or failed)."""

@@ -8,11 +8,12 @@ import logging
 import os
 import re
 from pathlib import Path
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import httpx
 
 from media.prompts import PromptDecodeError, decode_audio_file
+from worker.agent.connection import redact_url
 from worker.errors import RemoteError
 from worker.session.tts import PcmCache
 
@@ -113,6 +114,10 @@ class AudioFetcher:
         if cached is not None:
             return cached
         shown = _display(url)
+        try:
+            _ = urlsplit(url).port  # httpx lets an out-of-range port escape as OverflowError
+        except ValueError as exc:
+            raise FetchError(f"cannot fetch {shown}: invalid URL ({exc})") from None
         body = await self._download(url, shown)
         pcm = await self._decode(body, shown, sample_rate)
         self.cache.put(key, pcm)
@@ -243,20 +248,13 @@ def _read_limited(path: Path, limit: int) -> bytes:
 
 
 def _display(url: str) -> str:
-    """``url`` without credentials and query string (signed URLs carry secrets there)."""
+    """``url`` without credentials and query string (signed URLs carry secrets there); ``?…``
+    marks a query that was left out."""
     try:
-        parts = urlsplit(url)
-        if not parts.scheme or parts.scheme == "file":
-            return url
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        if parts.port is not None:
-            host = f"{host}:{parts.port}"
+        query = urlsplit(url).query
     except ValueError:
-        return "<invalid URL>"
-    query = "?…" if parts.query else ""
-    return urlunsplit((parts.scheme, host, parts.path, "", "")) + query
+        query = ""
+    return redact_url(url) + ("?…" if query else "")
 
 
 def _size(n: int) -> str:
