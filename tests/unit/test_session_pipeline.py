@@ -11,7 +11,14 @@ import numpy as np
 
 from media.stream import FRAME_BYTES, SAMPLE_RATE
 from tests.unit.test_session_verbs import make_session
-from worker.session.pipeline import BeepDetected, InbandDigit, MediaPipeline, PipelineEvent
+from worker.agent.listen_audio import ListenAudioProtocol
+from worker.session.pipeline import (
+    AgentSink,
+    BeepDetected,
+    InbandDigit,
+    MediaPipeline,
+    PipelineEvent,
+)
 from worker.sip.call import CallState
 
 
@@ -80,3 +87,29 @@ class TestVoicemailBeepWindow:
         pipeline = MediaPipeline(on_event=events.append, beep_window_ticks=10)
         _feed(pipeline, [bytes(FRAME_BYTES)] * 10 + _beep_frames())
         assert [e for e in events if isinstance(e, BeepDetected)] == []
+
+
+class TestListenMixTypes:
+    """jambonz ``mixType``: the frame the agent gets carries the caller (left / first) and what
+    the caller heard (right), interleaved for ``stereo`` and summed for ``mixed``."""
+
+    @staticmethod
+    def _run(mix: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        protocol = ListenAudioProtocol(sample_rate=SAMPLE_RATE, mix_type=mix)  # type: ignore[arg-type]
+        sent: list[bytes] = []
+        pipeline = MediaPipeline(detect_beep=False)
+        pipeline.sink = AgentSink(sent.append, SAMPLE_RATE, protocol.audio_frame)
+        caller = np.full(FRAME_BYTES // 2, 1000, "<i2")
+        heard = np.full(FRAME_BYTES // 2, -3000, "<i2")
+        pipeline.after_tick(caller.tobytes(), heard.tobytes(), 0.0)
+        return np.frombuffer(b"".join(sent), "<i2"), caller, heard
+
+    def test_stereo_interleaves_caller_left_heard_right(self) -> None:
+        frame, caller, heard = self._run("stereo")
+        assert frame.size == 2 * caller.size
+        assert (frame[0::2] == caller).all()
+        assert (frame[1::2] == heard).all()
+
+    def test_mixed_sums_both(self) -> None:
+        frame, caller, heard = self._run("mixed")
+        assert (frame == caller + heard).all()

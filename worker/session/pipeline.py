@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 from media.playout import MarkReached, PlayoutBuffer
 from media.recorder import StereoMp3Recorder
@@ -22,10 +21,9 @@ from media.stream import FRAME_BYTES
 from media.stream import SAMPLE_RATE as RATE
 from media.tones import BeepDetector, InbandDtmfDetector
 from media.vad import VoiceActivityDetector
-from worker.agent.listen_audio import interleave_stereo, mix_saturating
+from worker.agent.listen_audio import mix_saturating
 
 SILENCE = bytes(FRAME_BYTES)
-MixType = Literal["mono", "mixed", "stereo"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,14 +72,16 @@ class PipelineCounters:
 
 @dataclass(slots=True)
 class AgentSink:
-    """Where caller audio goes: ``send(pcm_at_rate)``, in ``mix`` form, at ``rate``."""
+    """Where caller audio goes: ``send(pcm_at_rate)`` at ``rate``. With ``combine`` (the
+    listen protocol's ``audio_frame`` for ``mixed``/``stereo``) each frame also carries what the
+    caller heard; without it, the caller alone."""
 
     send: Callable[[bytes], None]
     rate: int
-    mix: MixType = "mono"
+    combine: Callable[[bytes, bytes], bytes] | None = None
     paused: bool = False
     resampler: Resampler = field(init=False)  # the caller's audio
-    out_resampler: Resampler = field(init=False)  # what the caller hears (mixed, stereo)
+    out_resampler: Resampler = field(init=False)  # what the caller hears (with ``combine``)
 
     def __post_init__(self) -> None:
         self.resampler = Resampler(RATE, self.rate)
@@ -191,11 +191,8 @@ class MediaPipeline:
             return
         heard = SILENCE if self.muted else caller
         up = sink.resampler.process(heard)
-        if sink.mix != "mono":
-            other = sink.out_resampler.process(out)
-            n = min(len(up), len(other))
-            combine = interleave_stereo if sink.mix == "stereo" else mix_saturating
-            up = combine(up[:n], other[:n])
+        if sink.combine is not None:
+            up = sink.combine(up, sink.out_resampler.process(out))
         if up:
             self.counters.frames_to_agent += 1
             sink.send(up)

@@ -801,7 +801,8 @@ class CallSession:
             )
             return
         self.listen, self.listen_protocol = connection, protocol
-        self.pipeline.sink = AgentSink(connection.send_audio, protocol.sample_rate, verb.mix_type)
+        combine = protocol.audio_frame if protocol.mix_type != "mono" else None
+        self.pipeline.sink = AgentSink(connection.send_audio, protocol.sample_rate, combine)
         started = self.loop.time()
         digits: list[str] = []
         finish = set(verb.finish_on_key or "")
