@@ -47,7 +47,6 @@ import os
 import platform
 import random
 import resource
-import socket
 import struct
 import sys
 import tempfile
@@ -63,6 +62,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import uvloop  # noqa: E402
+
+from tests.sipp import free_port  # noqa: E402
 
 TARGET_MS = 2.0
 FRAME_S = 0.020
@@ -228,12 +229,6 @@ def install_probes(probes: Probes) -> None:
 # --------------------------------------------------------------------------- the load process
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Phone(asyncio.DatagramProtocol):
     """One call's RTP peer: sends PCMU every 20 ms when told, counts what comes back."""
 
@@ -286,7 +281,7 @@ class MiniUac(asyncio.DatagramProtocol):
             "a=rtpmap:101 telephone-event/8000\na=fmtp:101 0-16\n"
         )
         answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.calls[call_id] = {"index": index, "answered": answered, "to": None, "sdp": None}
+        self.calls[call_id] = {"index": index, "answered": answered, "to": None, "rtp_port": None}
         length = len(sdp) + sdp.count("\n")  # sent with CRLF line ends
         self._send(
             f"INVITE sip:{NUMBER}@{self.worker[0]}:{self.worker[1]} SIP/2.0\n"
@@ -331,10 +326,9 @@ class MiniUac(asyncio.DatagramProtocol):
             index = call["index"]
             self._in_dialog("ACK", call_id, 1, f"z9hG4bK-ack-{index}")
             if code == 200 and not call["answered"].done():
-                port = next(
+                call["rtp_port"] = next(
                     int(line.split()[1]) for line in body.split("\r\n") if line.startswith("m=")
                 )
-                call["sdp"] = port
                 call["answered"].set_result(None)
             elif not call["answered"].done():
                 call["answered"].set_exception(RuntimeError(f"call {index} got {code}"))
@@ -419,7 +413,7 @@ async def _load(pipe: Connection, calls: int) -> None:
     await asyncio.wait_for(asyncio.gather(*answers), 30)
     by_index = {c["index"]: c for c in uac.calls.values()}
     for index, phone in enumerate(phones):
-        phone.remote = ("127.0.0.1", by_index[index]["sdp"])
+        phone.remote = ("127.0.0.1", by_index[index]["rtp_port"])
     pipe.send("answered")
 
     # Speech-like PCMU payloads, one per call (caller audio the VAD and recorder see as real).
@@ -485,16 +479,16 @@ async def run(calls: int, seconds: float, warmup: float, record: bool) -> dict[s
     loop = asyncio.get_running_loop()
     try:
         agent_url: str = await loop.run_in_executor(None, parent.recv)
-        sip_port = _free_port()
-        rtp_low = _free_port() & ~1
-        rtp_low = min(rtp_low, 65535 - 4 * calls - 10)
+        sip_port = free_port()
+        rtp_span = 4 * calls + 8  # the worker's RTP ports, with room to spare
+        rtp_low = free_port(span=rtp_span)
         with tempfile.TemporaryDirectory(prefix="bench-bridge-") as data_dir:
             settings = load_settings(
                 None,
                 data_dir=data_dir,
                 log={"level": "warning"},
                 sip={"port": sip_port},
-                rtp={"port_min": rtp_low, "port_max": rtp_low + 4 * calls + 8},
+                rtp={"port_min": rtp_low, "port_max": rtp_low + rtp_span},
                 routes=[
                     {"match": NUMBER, "action": "agent", "agent_url": agent_url, "record": record}
                 ],

@@ -30,7 +30,11 @@ def _bindable(host: str, port: int) -> bool:
 
 def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1", *, span: int = 2) -> int:
     """An even port that is free for both UDP and TCP right now, with the ``span - 1`` ports
-    above it free too (2: RTP and RTCP; 4: SIPp's ``-rtp_echo``, which also takes port + 2)."""
+    above it free too (2: RTP and RTCP; 4: SIPp's ``-rtp_echo``, which also takes port + 2).
+
+    Only "right now": nothing holds it until the caller binds it, so another process can take it
+    in between. It comes from the kernel's ephemeral range, which makes that unlikely, not
+    impossible; a run that loses the race fails to bind, loudly, rather than misbehaving."""
     for _ in range(200):
         with socket.socket(socket.AF_INET, kind) as s:
             s.bind((host, 0))
@@ -40,6 +44,22 @@ def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1", *, span: i
         if all(_bindable(host, p) for p in range(port, port + span)):
             return port
     raise RuntimeError("no free port found")
+
+
+def _bound(port: int) -> bool | None:
+    """Whether a UDP socket is bound to ``port`` or a TCP one listens on it, read from
+    ``/proc/net`` so that looking never binds the port (None where there is no ``/proc``)."""
+    try:
+        tables = [(Path(f"/proc/net/{name}").read_text(), name) for name in ("udp", "tcp")]
+    except OSError:
+        return None
+    for text, name in tables:
+        for line in text.splitlines()[1:]:
+            fields = line.split()
+            local, state = fields[1], fields[3]
+            if int(local.rsplit(":", 1)[1], 16) == port and (name == "udp" or state == "0A"):
+                return True
+    return False
 
 
 def port_in_use(port: int, kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1") -> bool:
@@ -142,11 +162,19 @@ class Sipp:
         assert self.process is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while not (port_in_use(self.port) or port_in_use(self.port, socket.SOCK_STREAM)):
+        while not self._listening():
             if self.process.returncode is not None or loop.time() > deadline:
+                self.kill()
                 result = await self.wait()
                 raise RuntimeError(f"SIPp did not start listening\n{result.explain()}")
             await asyncio.sleep(0.02)
+
+    def _listening(self) -> bool:
+        bound = _bound(self.port)
+        if bound is not None:
+            return bound
+        # No /proc: probe by binding, which can (rarely) make SIPp's own bind fail.
+        return port_in_use(self.port) or port_in_use(self.port, socket.SOCK_STREAM)
 
     async def wait(self) -> SippResult:
         assert self.process is not None
@@ -172,8 +200,8 @@ class Sipp:
             self.process.kill()
 
     async def run(self) -> SippResult:
-        await self.start()
-        return await self.wait()
+        async with self:  # killed and reaped even if the wait is cancelled
+            return await self.wait()
 
     async def __aenter__(self) -> Sipp:
         await self.start()

@@ -267,6 +267,56 @@ async def running_worker(
         await worker.close()
 
 
+@dataclass(eq=False)
+class AgentCall:
+    """One SIPp call into the worker, routed to the scripted agent's ``/app``, once its
+    ``session:new`` has arrived (not acked: that is the test's first move)."""
+
+    worker: Worker
+    agent: ScriptedAgent
+    sipp: Sipp
+    ctl: AgentPeer
+    new: dict[str, Any]
+
+    async def finish(self) -> tuple[SippResult, SessionResult]:
+        """Wait for SIPp to end and check it passed; (SIPp's result, the session's result)."""
+        result = await self.sipp.wait()
+        assert_sipp_ok(result)
+        return result, await wait_result(self.worker, self.new["call_sid"])
+
+
+@contextlib.asynccontextmanager
+async def agent_call(
+    tmp_path: Path,
+    scenario: str,
+    number: str,
+    *,
+    data_dir: Path | None = None,
+    route: dict[str, Any] | None = None,
+    duration_ms: int = 0,
+    echo: bool = False,
+) -> AsyncIterator[AgentCall]:
+    """The common set-up: a scripted agent, a worker (``data_dir``, default ``tmp_path/data``)
+    routing every number to the agent's ``/app`` (``route`` adds route settings), and a SIPp
+    caller (``tmp_path/sipp``) running ``scenario`` to ``number``; yields when ``session:new``
+    has arrived. Everything is closed on the way out."""
+    async with ScriptedAgent() as agent:
+        routes = [agent_route("*", agent.url("/app"), **(route or {}))]
+        async with (
+            running_worker(data_dir or tmp_path / "data", routes) as worker,
+            caller(
+                tmp_path / "sipp", worker, scenario, number, duration_ms=duration_ms, echo=echo
+            ) as sipp,
+        ):
+            try:
+                ctl = await agent.accept("/app")
+                new = await ctl.next_type("session:new")
+            except AssertionError as exc:  # say what SIPp saw, the likelier culprit
+                sipp.kill()
+                raise AssertionError(f"{exc}\n{(await sipp.wait()).explain()}") from None
+            yield AgentCall(worker, agent, sipp, ctl, new)
+
+
 def sip_target(worker: Worker) -> str:
     return f"127.0.0.1:{worker.settings.sip.port}"
 

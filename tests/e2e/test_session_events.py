@@ -7,17 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from media.g711 import ulaw_encode
-from tests.e2e.harness import (
-    ScriptedAgent,
-    agent_route,
-    assert_sipp_ok,
-    caller,
-    running_worker,
-    wait_result,
-)
+from tests.e2e.harness import agent_call
 from worker.events import CallTranscriptEvent, CallVoicemailDetectedEvent, EventLog
+
+pytestmark = [pytest.mark.sipp]
 
 CALLED = "+15557654321"
 
@@ -38,18 +34,10 @@ def _answering_machine(path: Path) -> None:
 class TestVoicemailBeepEvent:
     async def test_beep_on_the_line_is_reported_once(self, tmp_path: Path) -> None:
         _answering_machine(tmp_path / "sipp" / "beep.ulaw")
-        async with (
-            ScriptedAgent() as agent,
-            running_worker(tmp_path / "data", [agent_route("*", agent.url("/app"))]) as worker,
-        ):
-            sipp = caller(tmp_path / "sipp", worker, "uac_beep_wait_bye", CALLED)
-            async with sipp:
-                ctl = await agent.accept("/app")
-                new = await ctl.next_type("session:new")
-                await ctl.ack(new, [{"verb": "answer"}, {"verb": "pause", "length": 4.5}])
-                result = await sipp.wait()
-            assert_sipp_ok(result)
-            await wait_result(worker, new["call_sid"])
+        async with agent_call(tmp_path, "uac_beep_wait_bye", CALLED) as call:
+            ctl, new, worker = call.ctl, call.new, call.worker
+            await ctl.ack(new, [{"verb": "answer"}, {"verb": "pause", "length": 4.5}])
+            await call.finish()
         assert worker.sink is not None
         await worker.sink.flush()
         beeps = EventLog(tmp_path / "data" / "events.jsonl").of_type(CallVoicemailDetectedEvent)
@@ -59,27 +47,19 @@ class TestVoicemailBeepEvent:
 
 class TestListenTranscription:
     async def test_agent_transcription_becomes_the_transcript(self, tmp_path: Path) -> None:
-        async with (
-            ScriptedAgent() as agent,
-            running_worker(tmp_path / "data", [agent_route("*", agent.url("/app"))]) as worker,
-        ):
-            sipp = caller(tmp_path / "sipp", worker, "uac_wait_bye", CALLED)
-            async with sipp:
-                ctl = await agent.accept("/app")
-                new = await ctl.next_type("session:new")
-                listen = {"verb": "listen", "url": agent.url("/listen"), "maxLength": 3}
-                await ctl.ack(new, [listen])
-                audio = await agent.accept("/listen")
-                await audio.recv()  # the metadata frame
-                await audio.send(
-                    {"type": "transcription", "data": {"role": "user", "text": "I need help"}}
-                )
-                await audio.send(
-                    {"type": "transcription", "data": {"role": "agent", "text": "Sure, how?"}}
-                )
-                result = await sipp.wait()
-            assert_sipp_ok(result)
-            done = await wait_result(worker, new["call_sid"])
+        async with agent_call(tmp_path, "uac_wait_bye", CALLED) as call:
+            ctl, new, worker, agent = call.ctl, call.new, call.worker, call.agent
+            listen = {"verb": "listen", "url": agent.url("/listen"), "maxLength": 3}
+            await ctl.ack(new, [listen])
+            audio = await agent.accept("/listen")
+            await audio.recv()  # the metadata frame
+            await audio.send(
+                {"type": "transcription", "data": {"role": "user", "text": "I need help"}}
+            )
+            await audio.send(
+                {"type": "transcription", "data": {"role": "agent", "text": "Sure, how?"}}
+            )
+            _, done = await call.finish()
         assert [(role, text) for role, text, _ in done.transcript] == [
             ("user", "I need help"),
             ("agent", "Sure, how?"),

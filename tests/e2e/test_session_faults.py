@@ -18,6 +18,7 @@ import pytest
 from tests.e2e.harness import (
     AgentPeer,
     ScriptedAgent,
+    agent_call,
     agent_route,
     assert_sipp_ok,
     caller,
@@ -87,12 +88,20 @@ async def _silent_server(closed: asyncio.Event | None = None) -> AsyncIterator[i
         await server.wait_closed()
 
 
-def _callers(tmp_path: Path, worker: Worker, plan: dict[str, tuple[str, str]]) -> dict[str, Sipp]:
-    """One SIPp caller per name: (scenario, number)."""
-    return {
-        name: caller(tmp_path / name, worker, scenario, number)
-        for name, (scenario, number) in plan.items()
-    }
+@contextlib.asynccontextmanager
+async def _callers(
+    tmp_path: Path, worker: Worker, plan: dict[str, tuple[str, str]]
+) -> AsyncIterator[dict[str, Sipp]]:
+    """One running SIPp caller per name: (scenario, number); all killed on the way out."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield {
+            name: await stack.enter_async_context(caller(tmp_path / name, worker, scenario, number))
+            for name, (scenario, number) in plan.items()
+        }
+
+
+async def _results(sipps: dict[str, Sipp]) -> dict[str, SippResult]:
+    return {name: await sipp.wait() for name, sipp in sipps.items()}
 
 
 class TestJambonzAckWithinFiveSeconds:
@@ -107,16 +116,12 @@ class TestJambonzAckWithinFiveSeconds:
                 agent_route(HEALTHY, agent.url("/healthy")),
             ]
             async with running_worker(tmp_path / "data", routes) as worker:
-                sipps = _callers(
-                    tmp_path,
-                    worker,
-                    {
-                        "never": ("uac_rejected", "+1555000001"),
-                        "late": ("uac_wait_bye", "+1555000002"),
-                        "healthy": ("uac_wait_bye", HEALTHY),
-                    },
-                )
-                async with sipps["never"], sipps["late"], sipps["healthy"]:
+                plan = {
+                    "never": ("uac_rejected", "+1555000001"),
+                    "late": ("uac_wait_bye", "+1555000002"),
+                    "healthy": ("uac_wait_bye", HEALTHY),
+                }
+                async with _callers(tmp_path, worker, plan) as sipps:
                     loop = asyncio.get_running_loop()
 
                     async def never_acks() -> tuple[dict[str, Any], AgentPeer, str, float]:
@@ -155,7 +160,7 @@ class TestJambonzAckWithinFiveSeconds:
                         (new2, after, ctl2),
                         new3,
                     ) = await asyncio.gather(never_acks(), late_ack(), _healthy_call(agent))
-                    results = {name: await sipp.wait() for name, sipp in sipps.items()}
+                    results = await _results(sipps)
                 await _check_healthy(worker, results["healthy"], new3)
                 done1 = await wait_result(worker, new1["call_sid"])
                 done2 = await wait_result(worker, new2["call_sid"])
@@ -191,18 +196,14 @@ class TestAgentUnreachable:
                 agent_route(HEALTHY, agent.url("/healthy")),
             ]
             async with running_worker(tmp_path / "data", routes) as worker:
-                sipps = _callers(
-                    tmp_path,
-                    worker,
-                    {
-                        "refused": ("uac_rejected", "+1555000003"),
-                        "hung": ("uac_rejected", "+1555000004"),
-                        "healthy": ("uac_wait_bye", HEALTHY),
-                    },
-                )
-                async with sipps["refused"], sipps["hung"], sipps["healthy"]:
+                plan = {
+                    "refused": ("uac_rejected", "+1555000003"),
+                    "hung": ("uac_rejected", "+1555000004"),
+                    "healthy": ("uac_wait_bye", HEALTHY),
+                }
+                async with _callers(tmp_path, worker, plan) as sipps:
                     new = await _healthy_call(agent)
-                    results = {name: await sipp.wait() for name, sipp in sipps.items()}
+                    results = await _results(sipps)
                 await _check_healthy(worker, results["healthy"], new)
                 done = await _results_except(worker, new["call_sid"], 2)
 
@@ -249,14 +250,10 @@ class TestJambonzInvalidMessage:
                 agent_route(HEALTHY, agent.url("/healthy")),
             ]
             async with running_worker(tmp_path / "data", routes) as worker:
-                sipps = _callers(
-                    tmp_path,
-                    worker,
-                    {
-                        "garbage": ("uac_wait_bye", "+1555000005"),
-                        "healthy": ("uac_wait_bye", HEALTHY),
-                    },
-                )
+                plan = {
+                    "garbage": ("uac_wait_bye", "+1555000005"),
+                    "healthy": ("uac_wait_bye", HEALTHY),
+                }
 
                 async def garbage_agent() -> tuple[dict[str, Any], list[dict[str, Any]], Any]:
                     ctl = await agent.accept("/garbage")
@@ -286,11 +283,11 @@ class TestJambonzInvalidMessage:
                     await ctl.wait_closed()
                     return new, errors, final
 
-                async with sipps["garbage"], sipps["healthy"]:
+                async with _callers(tmp_path, worker, plan) as sipps:
                     (new, errors, hook), healthy = await asyncio.gather(
                         garbage_agent(), _healthy_call(agent)
                     )
-                    results = {name: await sipp.wait() for name, sipp in sipps.items()}
+                    results = await _results(sipps)
                 await _check_healthy(worker, results["healthy"], healthy)
                 done = await wait_result(worker, new["call_sid"])
 
@@ -330,7 +327,6 @@ class TestJambonzInvalidVerbsInAck:
             async with running_worker(tmp_path / "data", routes) as worker:
                 plan = {n: ("uac_rejected", n) for n in bad}
                 plan["healthy"] = ("uac_wait_bye", HEALTHY)
-                sipps = _callers(tmp_path, worker, plan)
 
                 async def bad_agent(number: str) -> tuple[dict[str, Any], dict[str, Any]]:
                     ctl = await agent.accept(f"/bad{number}")
@@ -340,13 +336,11 @@ class TestJambonzInvalidVerbsInAck:
                     await ctl.wait_closed()
                     return new, error
 
-                async with contextlib.AsyncExitStack() as stack:
-                    for sipp in sipps.values():
-                        await stack.enter_async_context(sipp)
+                async with _callers(tmp_path, worker, plan) as sipps:
                     outcome, healthy = await asyncio.gather(
                         asyncio.gather(*(bad_agent(n) for n in bad)), _healthy_call(agent)
                     )
-                    results = {name: await sipp.wait() for name, sipp in sipps.items()}
+                    results = await _results(sipps)
                 await _check_healthy(worker, results["healthy"], healthy)
                 dones = [await wait_result(worker, new["call_sid"]) for new, _ in outcome]
 
@@ -364,28 +358,20 @@ class TestListenBinaryWhenNotStreaming:
     discarded and counted; the call and the listen carry on."""
 
     async def test_binary_ignored_and_counted(self, tmp_path: Path) -> None:
-        async with (
-            ScriptedAgent() as agent,
-            running_worker(tmp_path / "data", [agent_route("*", agent.url("/app"))]) as worker,
-        ):
-            sipp = caller(tmp_path / "sipp", worker, "uac_wait_bye", "+1555000008")
-            async with sipp:
-                ctl = await agent.accept("/app")
-                new = await ctl.next_type("session:new")
-                verb = {"verb": "listen", "url": agent.url("/l"), "actionHook": "/done"}
-                await ctl.ack(new, [verb])
-                listen = await agent.accept("/l")
-                await listen.recv()
-                for _ in range(25):
-                    await listen.send(tone(440, 0.02))
-                await listen.send({"type": "mark", "data": {"name": "after"}})
-                mark = await listen.next(lambda m: m.get("type") == "mark")
-                await listen.send({"type": "disconnect"})
-                hook = await ctl.next_type("verb:hook")
-                await ctl.ack(hook, [{"verb": "hangup"}])
-                result = await sipp.wait()
-            assert_sipp_ok(result)
-            done = await wait_result(worker, new["call_sid"])
+        async with agent_call(tmp_path, "uac_wait_bye", "+1555000008") as call:
+            ctl, new, agent = call.ctl, call.new, call.agent
+            verb = {"verb": "listen", "url": agent.url("/l"), "actionHook": "/done"}
+            await ctl.ack(new, [verb])
+            listen = await agent.accept("/l")
+            await listen.recv()
+            for _ in range(25):
+                await listen.send(tone(440, 0.02))
+            await listen.send({"type": "mark", "data": {"name": "after"}})
+            mark = await listen.next(lambda m: m.get("type") == "mark")
+            await listen.send({"type": "disconnect"})
+            hook = await ctl.next_type("verb:hook")
+            await ctl.ack(hook, [{"verb": "hangup"}])
+            _, done = await call.finish()
         assert mark["data"] == {"name": "after", "event": "playout"}
         assert done.counters.ignored_agent_frames == 25
         assert done.counters.playout.written_ms == 0
@@ -396,35 +382,27 @@ class TestPlayoutBound:
     excess is dropped and counted instead of growing latency."""
 
     async def test_thirty_seconds_in_a_burst(self, tmp_path: Path) -> None:
-        async with (
-            ScriptedAgent() as agent,
-            running_worker(tmp_path / "data", [agent_route("*", agent.url("/app"))]) as worker,
-        ):
-            sipp = caller(tmp_path / "sipp", worker, "uac_wait_bye", "+1555000009")
-            async with sipp:
-                ctl = await agent.accept("/app")
-                new = await ctl.next_type("session:new")
-                verb = {
-                    "verb": "listen",
-                    "url": agent.url("/l"),
-                    "bidirectionalAudio": {"streaming": True},
-                }
-                await ctl.ack(new, [verb])
-                listen = await agent.accept("/l")
-                await listen.recv()
-                burst = tone(500, 30.0)
-                for offset in range(0, len(burst), 3200):  # 200 ms per frame, 150 frames
-                    await listen.send(burst[offset : offset + 3200])
-                await listen.send({"type": "mark", "data": {"name": "end"}})
-                await asyncio.sleep(0.5)
-                session = worker.sessions[new["call_sid"]]
-                queued = session.pipeline.playout.queued_ms
-                await listen.send({"type": "killAudio"})
-                cleared = await listen.next(lambda m: m.get("type") == "mark")
-                await listen.close()
-                result = await sipp.wait()
-            assert_sipp_ok(result)
-            done = await wait_result(worker, new["call_sid"])
+        async with agent_call(tmp_path, "uac_wait_bye", "+1555000009") as call:
+            ctl, new, worker, agent = call.ctl, call.new, call.worker, call.agent
+            verb = {
+                "verb": "listen",
+                "url": agent.url("/l"),
+                "bidirectionalAudio": {"streaming": True},
+            }
+            await ctl.ack(new, [verb])
+            listen = await agent.accept("/l")
+            await listen.recv()
+            burst = tone(500, 30.0)
+            for offset in range(0, len(burst), 3200):  # 200 ms per frame, 150 frames
+                await listen.send(burst[offset : offset + 3200])
+            await listen.send({"type": "mark", "data": {"name": "end"}})
+            await asyncio.sleep(0.5)
+            session = worker.sessions[new["call_sid"]]
+            queued = session.pipeline.playout.queued_ms
+            await listen.send({"type": "killAudio"})
+            cleared = await listen.next(lambda m: m.get("type") == "mark")
+            await listen.close()
+            _, done = await call.finish()
         assert 9400 <= queued <= 10000, queued
         assert cleared["data"] == {"name": "end", "event": "cleared"}
         playout = done.counters.playout
@@ -446,14 +424,10 @@ class TestJambonzSessionReconnect:
                 agent_route("+1555000011", agent.url("/ends")),
             ]
             async with running_worker(tmp_path / "data", routes) as worker:
-                sipps = _callers(
-                    tmp_path,
-                    worker,
-                    {
-                        "drops": ("uac_wait_bye", "+1555000010"),
-                        "ends": ("uac_wait_bye", "+1555000011"),
-                    },
-                )
+                plan = {
+                    "drops": ("uac_wait_bye", "+1555000010"),
+                    "ends": ("uac_wait_bye", "+1555000011"),
+                }
                 loop = asyncio.get_running_loop()
 
                 async def drops() -> tuple[Any, ...]:
@@ -498,12 +472,12 @@ class TestJambonzSessionReconnect:
                     await ctl.close(1000)
                     return new, ctl
 
-                async with sipps["drops"], sipps["ends"]:
+                async with _callers(tmp_path, worker, plan) as sipps:
                     (
                         (new, first, held, status, hook, gap, again),
                         (new2, _ctl2),
                     ) = await asyncio.gather(drops(), ends())
-                    results = {name: await sipp.wait() for name, sipp in sipps.items()}
+                    results = await _results(sipps)
                 done = await wait_result(worker, new["call_sid"])
                 done2 = await wait_result(worker, new2["call_sid"])
 
@@ -539,14 +513,10 @@ class TestJambonzSessionReconnect:
                 agent_route("+1555000013", agent.url("/gone")),
             ]
             async with running_worker(tmp_path / "data", routes) as worker:
-                sipps = _callers(
-                    tmp_path,
-                    worker,
-                    {
-                        "early": ("uac_wait_bye", "+1555000012"),
-                        "gone": ("uac_wait_bye", "+1555000013"),
-                    },
-                )
+                plan = {
+                    "early": ("uac_wait_bye", "+1555000012"),
+                    "gone": ("uac_wait_bye", "+1555000013"),
+                }
 
                 async def early() -> tuple[dict[str, Any], dict[str, Any]]:
                     ctl = await agent.accept("/early")
@@ -569,9 +539,9 @@ class TestJambonzSessionReconnect:
                     await again.wait_closed(within=8)  # never acked: the worker gives up
                     return new, again
 
-                async with sipps["early"], sipps["gone"]:
+                async with _callers(tmp_path, worker, plan) as sipps:
                     (new1, first), (new2, again) = await asyncio.gather(early(), gone())
-                    results = {name: await sipp.wait() for name, sipp in sipps.items()}
+                    results = await _results(sipps)
                 done1 = await wait_result(worker, new1["call_sid"])
                 done2 = await wait_result(worker, new2["call_sid"])
 
@@ -592,23 +562,17 @@ class TestWorkerShutdownMidCall:
     and audio) cleanly: nothing outlives it."""
 
     async def test_close_with_a_live_listen(self, tmp_path: Path) -> None:
-        async with (
-            ScriptedAgent() as agent,
-            running_worker(tmp_path / "data", [agent_route("*", agent.url("/app"))]) as worker,
-        ):
-            sipp = caller(tmp_path / "sipp", worker, "uac_wait_bye", "+1555000014")
-            async with sipp:
-                ctl = await agent.accept("/app")
-                new = await ctl.next_type("session:new")
-                verb = {"verb": "listen", "url": agent.url("/l"), "actionHook": "/done"}
-                await ctl.ack(new, [verb])
-                listen = await agent.accept("/l")
-                await listen.recv()
-                await asyncio.sleep(0.3)
-                await worker.close()
-                assert await ctl.wait_closed(3) == 1000
-                assert await listen.wait_closed(3) == 1000
-                result = await sipp.wait()
+        async with agent_call(tmp_path, "uac_wait_bye", "+1555000014") as call:
+            ctl, worker = call.ctl, call.worker
+            verb = {"verb": "listen", "url": call.agent.url("/l"), "actionHook": "/done"}
+            await ctl.ack(call.new, [verb])
+            listen = await call.agent.accept("/l")
+            await listen.recv()
+            await asyncio.sleep(0.3)
+            await worker.close()
+            assert await ctl.wait_closed(3) == 1000
+            assert await listen.wait_closed(3) == 1000
+            result = await call.sipp.wait()
             assert worker.sessions == {}
         assert_sipp_ok(result)
         assert listen.binary()[-1].data == b""  # the graceful end of audio
@@ -631,20 +595,16 @@ class TestCallerGivesUpWhileTheAgentConnects:
                 agent_route("+1555000016", f"ws://127.0.0.1:{hung_port}/tw", protocol="twilio"),
             ]
             async with running_worker(tmp_path / "data", routes) as worker:
-                sipps = _callers(
-                    tmp_path,
-                    worker,
-                    {
-                        "jambonz": ("uac_cancel_after_100", "+1555000015"),
-                        "twilio": ("uac_cancel_after_180", "+1555000016"),
-                    },
-                )
-                async with sipps["jambonz"], sipps["twilio"]:
+                plan = {
+                    "jambonz": ("uac_cancel_after_100", "+1555000015"),
+                    "twilio": ("uac_cancel_after_180", "+1555000016"),
+                }
+                async with _callers(tmp_path, worker, plan) as sipps:
                     ctl = await agent.accept("/slow")
                     new = await ctl.next_type("session:new")
                     status = await ctl.next_type("call:status")
                     assert await ctl.wait_closed() == 1000
-                    results = {name: await sipp.wait() for name, sipp in sipps.items()}
+                    results = await _results(sipps)
                     await asyncio.wait_for(closed.wait(), 3)
                 done = await wait_results(worker, 2)
         for result in results.values():

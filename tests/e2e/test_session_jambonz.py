@@ -17,6 +17,7 @@ import pytest
 from tests.e2e.harness import (
     FileServer,
     ScriptedAgent,
+    agent_call,
     agent_route,
     assert_sipp_ok,
     best_match,
@@ -66,19 +67,11 @@ class TestJambonzSessionNewPayload:
     ``call:status`` on every change, ``duration`` only with ``completed``."""
 
     async def test_session_new_fields_and_call_status(self, tmp_path: Path) -> None:
-        async with (
-            ScriptedAgent() as agent,
-            running_worker(tmp_path / "data", [agent_route("*", agent.url("/app"))]) as worker,
-        ):
-            sipp = caller(tmp_path / "sipp", worker, "uac_wait_bye", CALLED)
-            async with sipp:
-                ctl = await agent.accept("/app")
-                new = await ctl.next_type("session:new")
-                await ctl.ack(new, [{"verb": "answer"}, {"verb": "pause", "length": 1.2}])
-                statuses = [await ctl.next_type("call:status") for _ in range(3)]
-                result = await sipp.wait()
-            assert_sipp_ok(result)
-            done = await wait_result(worker, new["call_sid"])
+        async with agent_call(tmp_path, "uac_wait_bye", CALLED) as call:
+            ctl, new, worker = call.ctl, call.new, call.worker
+            await ctl.ack(new, [{"verb": "answer"}, {"verb": "pause", "length": 1.2}])
+            statuses = [await ctl.next_type("call:status") for _ in range(3)]
+            result, done = await call.finish()
 
         assert ctl.subprotocol == "ws.jambonz.org"
         data = new["data"]
@@ -153,29 +146,21 @@ class TestJambonzAnswerPauseHangup:
     """Verbs ``answer``, ``pause`` and ``hangup`` (PROTOCOLS.md §1.5, README verbs)."""
 
     async def test_answer_then_pause_then_hangup(self, tmp_path: Path) -> None:
-        async with (
-            ScriptedAgent() as agent,
-            running_worker(tmp_path / "data", [agent_route("*", agent.url("/app"))]) as worker,
-        ):
-            sipp = caller(tmp_path / "sipp", worker, "uac_wait_bye", CALLED)
-            async with sipp:
-                ctl = await agent.accept("/app")
-                new = await ctl.next_type("session:new")
-                await ctl.ack(
-                    new,
-                    [
-                        {"verb": "answer"},
-                        {"verb": "pause", "length": 1.6},
-                        {"verb": "hangup"},
-                        {"verb": "say", "text": "never said"},
-                    ],
-                )
-                completed = await ctl.next(
-                    lambda m: m.get("data", {}).get("call_status") == "completed"
-                )
-                result = await sipp.wait()
-            assert_sipp_ok(result)
-            done = await wait_result(worker, new["call_sid"])
+        async with agent_call(tmp_path, "uac_wait_bye", CALLED) as call:
+            ctl, new = call.ctl, call.new
+            await ctl.ack(
+                new,
+                [
+                    {"verb": "answer"},
+                    {"verb": "pause", "length": 1.6},
+                    {"verb": "hangup"},
+                    {"verb": "say", "text": "never said"},
+                ],
+            )
+            completed = await ctl.next(
+                lambda m: m.get("data", {}).get("call_status") == "completed"
+            )
+            result, done = await call.finish()
         answered = sipp_times(result, "received", "SIP/2.0 200")[0]
         bye = sipp_times(result, "received", "BYE ")[0]
         assert 1.58 <= bye - answered <= 1.9, bye - answered
@@ -198,27 +183,21 @@ class TestJambonzPlayVerb:
         files = {"/high.wav": wav_bytes(tone(1000, 0.6))}
         async with (
             FileServer(files) as http,
-            ScriptedAgent() as agent,
-            running_worker(data_dir, [agent_route("*", agent.url("/app"))]) as worker,
+            agent_call(tmp_path, "uac_echo_wait_bye", CALLED, data_dir=data_dir, echo=True) as call,
         ):
-            sipp = caller(tmp_path / "sipp", worker, "uac_echo_wait_bye", CALLED, echo=True)
-            async with sipp:
-                ctl = await agent.accept("/app")
-                new = await ctl.next_type("session:new")
-                play = {
-                    "verb": "play",
-                    "id": "p1",
-                    "url": [http.url("/high.wav"), "low.wav"],
-                    "actionHook": "/played",
-                }
-                await ctl.ack(new, [play])
-                hook = await ctl.next_type("verb:hook")
-                await ctl.ack(hook, [{**play, "url": http.url("/high.wav"), "id": "p2"}])
-                again = await ctl.next_type("verb:hook")
-                await ctl.ack(again, [{"verb": "hangup"}])
-                result = await sipp.wait()
-            assert_sipp_ok(result)
-            done = await wait_result(worker, new["call_sid"])
+            ctl = call.ctl
+            play = {
+                "verb": "play",
+                "id": "p1",
+                "url": [http.url("/high.wav"), "low.wav"],
+                "actionHook": "/played",
+            }
+            await ctl.ack(call.new, [play])
+            hook = await ctl.next_type("verb:hook")
+            await ctl.ack(hook, [{**play, "url": http.url("/high.wav"), "id": "p2"}])
+            again = await ctl.next_type("verb:hook")
+            await ctl.ack(again, [{"verb": "hangup"}])
+            _, done = await call.finish()
 
         assert hook["hook"] == "/played"
         assert hook["data"]["reason"] == "playCompleted"
@@ -245,18 +224,10 @@ class TestJambonzSayVerb:
 
     async def test_say_reaches_the_caller(self, tmp_path: Path) -> None:
         text = "Hello from the end to end test."
-        async with (
-            ScriptedAgent() as agent,
-            running_worker(tmp_path / "data", [agent_route("*", agent.url("/app"))]) as worker,
-        ):
-            sipp = caller(tmp_path / "sipp", worker, "uac_echo_wait_bye", CALLED, echo=True)
-            async with sipp:
-                ctl = await agent.accept("/app")
-                new = await ctl.next_type("session:new")
-                await ctl.ack(new, [{"verb": "say", "text": text}])
-                result = await sipp.wait()
-            assert_sipp_ok(result)
-            done = await wait_result(worker, new["call_sid"])
+        async with agent_call(tmp_path, "uac_echo_wait_bye", CALLED, echo=True) as call:
+            ctl, new = call.ctl, call.new
+            await ctl.ack(new, [{"verb": "say", "text": text}])
+            _, done = await call.finish()
         assert [t[:2] for t in done.transcript] == [("agent", text)]
         assert done.recording is not None
         caller_heard, said = decode_mp3(done.recording)
@@ -272,29 +243,21 @@ class TestJambonzGatherDigits:
     ``reason`` dtmfDetected at the actionHook; the nested ``say`` is barged in."""
 
     async def test_gather_finish_on_key(self, tmp_path: Path) -> None:
-        async with (
-            ScriptedAgent() as agent,
-            running_worker(tmp_path / "data", [agent_route("*", agent.url("/app"))]) as worker,
-        ):
-            sipp = caller(tmp_path / "sipp", worker, "uac_dtmf_wait_bye", CALLED, duration_ms=800)
-            async with sipp:
-                ctl = await agent.accept("/app")
-                new = await ctl.next_type("session:new")
-                gather = {
-                    "verb": "gather",
-                    "id": "g1",
-                    "input": ["digits"],
-                    "finishOnKey": "#",
-                    "timeout": 5,
-                    "actionHook": "/gathered",
-                    "say": {"text": "Please enter your account number and then press pound. " * 3},
-                }
-                await ctl.ack(new, [gather])
-                hook = await ctl.next_type("verb:hook")
-                await ctl.ack(hook, [{"verb": "hangup"}])
-                result = await sipp.wait()
-            assert_sipp_ok(result)
-            done = await wait_result(worker, new["call_sid"])
+        async with agent_call(tmp_path, "uac_dtmf_wait_bye", CALLED, duration_ms=800) as call:
+            ctl, new = call.ctl, call.new
+            gather = {
+                "verb": "gather",
+                "id": "g1",
+                "input": ["digits"],
+                "finishOnKey": "#",
+                "timeout": 5,
+                "actionHook": "/gathered",
+                "say": {"text": "Please enter your account number and then press pound. " * 3},
+            }
+            await ctl.ack(new, [gather])
+            hook = await ctl.next_type("verb:hook")
+            await ctl.ack(hook, [{"verb": "hangup"}])
+            _, done = await call.finish()
         assert hook["hook"] == "/gathered"
         assert hook["data"]["digits"] == "15"
         assert hook["data"]["reason"] == "dtmfDetected"
@@ -310,31 +273,21 @@ class TestJambonzTagRedirectConfig:
     from its actionHook and runs them."""
 
     async def test_tag_then_redirect_with_verb_status(self, tmp_path: Path) -> None:
-        async with (
-            ScriptedAgent() as agent,
-            running_worker(tmp_path / "data", [agent_route("*", agent.url("/app"))]) as worker,
-        ):
-            sipp = caller(tmp_path / "sipp", worker, "uac_wait_bye", CALLED)
-            async with sipp:
-                ctl = await agent.accept("/app")
-                new = await ctl.next_type("session:new")
-                await ctl.ack(
-                    new,
-                    [
-                        {"verb": "config", "notifyEvents": True},
-                        {"verb": "answer"},
-                        {"verb": "tag", "id": "t1", "data": {"crmId": 42, "Lead_Source": "web"}},
-                        {"verb": "redirect", "id": "r1", "actionHook": "/next"},
-                        {"verb": "say", "text": "replaced by the redirect"},
-                    ],
-                )
-                hook = await ctl.next_type("verb:hook")
-                await ctl.ack(
-                    hook, [{"verb": "pause", "id": "p1", "length": 0.2}, {"verb": "hangup"}]
-                )
-                result = await sipp.wait()
-            assert_sipp_ok(result)
-            done = await wait_result(worker, new["call_sid"])
+        async with agent_call(tmp_path, "uac_wait_bye", CALLED) as call:
+            ctl, new = call.ctl, call.new
+            await ctl.ack(
+                new,
+                [
+                    {"verb": "config", "notifyEvents": True},
+                    {"verb": "answer"},
+                    {"verb": "tag", "id": "t1", "data": {"crmId": 42, "Lead_Source": "web"}},
+                    {"verb": "redirect", "id": "r1", "actionHook": "/next"},
+                    {"verb": "say", "text": "replaced by the redirect"},
+                ],
+            )
+            hook = await ctl.next_type("verb:hook")
+            await ctl.ack(hook, [{"verb": "pause", "id": "p1", "length": 0.2}, {"verb": "hangup"}])
+            _, done = await call.finish()
 
         assert hook["hook"] == "/next"
         assert hook["data"]["customerData"] == {"crmId": 42, "Lead_Source": "web"}  # as written
@@ -370,24 +323,15 @@ class TestJambonzSipDecline:
         verb: dict[str, Any] = {"verb": "sip:decline", "status": status}
         if reason is not None:
             verb["reason"] = reason
-        async with (
-            ScriptedAgent() as agent,
-            running_worker(tmp_path / "data", [agent_route("*", agent.url("/app"))]) as worker,
-        ):
-            sipp = caller(tmp_path / "sipp", worker, "uac_rejected", CALLED)
-            async with sipp:
-                ctl = await agent.accept("/app")
-                new = await ctl.next_type("session:new")
-                await ctl.ack(new, [verb])
-                reported = await ctl.next(
-                    lambda m: (
-                        m.get("type") == "call:status"
-                        and m["data"]["call_status"] not in ("ringing",)
-                    )
+        async with agent_call(tmp_path, "uac_rejected", CALLED) as call:
+            ctl, new = call.ctl, call.new
+            await ctl.ack(new, [verb])
+            reported = await ctl.next(
+                lambda m: (
+                    m.get("type") == "call:status" and m["data"]["call_status"] not in ("ringing",)
                 )
-                result = await sipp.wait()
-            assert_sipp_ok(result)
-            done = await wait_result(worker, new["call_sid"])
+            )
+            result, done = await call.finish()
         assert final_statuses(result) == [status]
         assert result.received(f"SIP/2.0 {status} {phrase}")
         assert reported["data"]["call_status"] == call_status
@@ -494,53 +438,45 @@ class TestJambonzSipRequestCommand:
     cannot carry out (``redirect`` to an application URL) is answered with ``jambonz:error``."""
 
     async def test_info_reaches_the_caller_then_hangup(self, tmp_path: Path) -> None:
-        async with (
-            ScriptedAgent() as agent,
-            running_worker(tmp_path / "data", [agent_route("*", agent.url("/app"))]) as worker,
-        ):
-            sipp = caller(tmp_path / "sipp", worker, "uac_info_wait_bye", CALLED)
-            async with sipp:
-                ctl = await agent.accept("/app")
-                new = await ctl.next_type("session:new")
-                await ctl.ack(new, [{"verb": "answer"}, {"verb": "pause", "length": 20}])
-                await ctl.next(
-                    lambda m: (
-                        m.get("type") == "call:status" and m["data"]["call_status"] == "in-progress"
-                    )
+        async with agent_call(tmp_path, "uac_info_wait_bye", CALLED) as call:
+            ctl, new = call.ctl, call.new
+            await ctl.ack(new, [{"verb": "answer"}, {"verb": "pause", "length": 20}])
+            await ctl.next(
+                lambda m: (
+                    m.get("type") == "call:status" and m["data"]["call_status"] == "in-progress"
                 )
-                await ctl.send(
-                    {
-                        "type": "command",
-                        "command": "redirect",
-                        "data": {"call_hook": "https://example.invalid/app"},
-                    }
-                )
-                error = await ctl.next_type("jambonz:error")
-                await ctl.send(
-                    {
-                        "type": "command",
-                        "command": "sip:request",
-                        "data": {
-                            "sip_request": {
-                                "method": "INFO",
-                                "content_type": "application/json",
-                                "content": '{"hello":"caller"}',
-                                "headers": {"X-Reason": "e2e"},
-                            }
-                        },
-                    }
-                )
-                await asyncio.sleep(0.3)  # the scenario takes the INFO before the BYE
-                await ctl.send(
-                    {
-                        "type": "command",
-                        "command": "call:status",
-                        "data": {"call_status": "completed"},
-                    }
-                )
-                result = await sipp.wait()
-            assert_sipp_ok(result)
-            done = await wait_result(worker, new["call_sid"])
+            )
+            await ctl.send(
+                {
+                    "type": "command",
+                    "command": "redirect",
+                    "data": {"call_hook": "https://example.invalid/app"},
+                }
+            )
+            error = await ctl.next_type("jambonz:error")
+            await ctl.send(
+                {
+                    "type": "command",
+                    "command": "sip:request",
+                    "data": {
+                        "sip_request": {
+                            "method": "INFO",
+                            "content_type": "application/json",
+                            "content": '{"hello":"caller"}',
+                            "headers": {"X-Reason": "e2e"},
+                        }
+                    },
+                }
+            )
+            await asyncio.sleep(0.3)  # the scenario takes the INFO before the BYE
+            await ctl.send(
+                {
+                    "type": "command",
+                    "command": "call:status",
+                    "data": {"call_status": "completed"},
+                }
+            )
+            result, done = await call.finish()
         infos = result.received("INFO")
         assert len(infos) == 1
         assert '{"hello":"caller"}' in infos[0]
@@ -555,25 +491,17 @@ class TestJambonzEarlyMedia:
     audio before any answer; when the verbs run out the unanswered call is refused (480)."""
 
     async def test_say_in_early_media_then_refused(self, tmp_path: Path) -> None:
-        async with (
-            ScriptedAgent() as agent,
-            running_worker(tmp_path / "data", [agent_route("*", agent.url("/app"))]) as worker,
-        ):
-            sipp = caller(tmp_path / "sipp", worker, "uac_rejected", CALLED, echo=True)
-            async with sipp:
-                ctl = await agent.accept("/app")
-                new = await ctl.next_type("session:new")
-                call = live_session(worker, new["call_sid"]).call
-                verb = {"verb": "say", "text": "Please hold on.", "earlyMedia": True}
-                await ctl.ack(new, [verb])
-                result = await sipp.wait()
-            assert_sipp_ok(result)
-            done = await wait_result(worker, new["call_sid"])
+        async with agent_call(tmp_path, "uac_rejected", CALLED, echo=True) as call:
+            ctl, new, worker = call.ctl, call.new, call.worker
+            leg = live_session(worker, new["call_sid"]).call
+            verb = {"verb": "say", "text": "Please hold on.", "earlyMedia": True}
+            await ctl.ack(new, [verb])
+            result, done = await call.finish()
         progress = result.received("SIP/2.0 183")
         assert len(progress) == 1
         assert "m=audio" in progress[0]
         assert final_statuses(result) == [480]
-        summary = call.summary()
+        summary = leg.summary()
         assert isinstance(summary["rtp_out"], int)
         assert summary["rtp_out"] > 25  # at least half a second of the prompt was sent
         assert isinstance(summary["rtp_in"], int)

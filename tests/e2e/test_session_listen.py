@@ -24,6 +24,7 @@ from media.resample import Resampler
 from tests.e2e.harness import (
     AgentPeer,
     ScriptedAgent,
+    agent_call,
     agent_route,
     assert_sipp_ok,
     best_match,
@@ -113,10 +114,6 @@ async def talk(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[dict[i
     }
 
 
-def _caller_audio(call: TalkCall) -> np.ndarray[Any, Any]:
-    return _caller_audio_of(call.listen)
-
-
 @pytest.mark.asyncio(loop_scope="module")
 class TestListenFirstFrameMetadata:
     """§2.2: one text frame right after connect, ``{sampleRate, mixType, ...callInfo
@@ -151,7 +148,7 @@ class TestListenCallerAudio:
     async def test_8k_matches_the_capture(self, talk: dict[int, TalkCall]) -> None:
         call = talk[8000]
         assert_sipp_ok(call.sipp)
-        got = _caller_audio(call)
+        got = _caller_audio_of(call.listen)
         reference = pcap_reference()
         needle = reference[4000 : 4000 + 6 * 8000]  # 6 s from 0.5 s in
         match = best_match(got, needle)
@@ -165,7 +162,7 @@ class TestListenCallerAudio:
     async def test_16k_matches_the_capture(self, talk: dict[int, TalkCall]) -> None:
         call = talk[16000]
         assert_sipp_ok(call.sipp)
-        got16 = _caller_audio(call)
+        got16 = _caller_audio_of(call.listen)
         got = soxr.resample(got16.astype(np.float32), 16000, 8000).astype(np.float64)
         reference = pcap_reference()
         match = best_match(got, reference[4000 : 4000 + 6 * 8000])
@@ -288,54 +285,46 @@ class TestListenMarks:
 
     async def test_playout_timing_kill_and_clear(self, tmp_path: Path) -> None:
         beep = tone(700, 1.0)
-        async with (
-            ScriptedAgent() as agent,
-            running_worker(tmp_path / "data", [agent_route("*", agent.url("/app"))]) as worker,
-        ):
-            sipp = caller(tmp_path / "sipp", worker, "uac_wait_bye", "+15550000001")
-            async with sipp:
-                ctl = await agent.accept("/app")
-                new = await ctl.next_type("session:new")
-                verb = {
-                    "verb": "listen",
-                    "url": agent.url("/marks"),
-                    "actionHook": "/listen-done",
-                    "bidirectionalAudio": {"streaming": True},
-                }
-                await ctl.ack(new, [verb])
-                listen = await agent.accept("/marks")
-                await listen.recv()  # metadata
-                loop = asyncio.get_running_loop()
-                # 1 s of audio, m1, 0.5 s more, m2, all at once.
-                started = loop.time()
-                await _send_audio(listen, beep)
-                await listen.send({"type": "mark", "data": {"name": "m1"}})
-                await _send_audio(listen, beep[:8000])
-                await listen.send({"type": "mark", "data": {"name": "m2"}})
-                await listen.next(lambda m: m.get("data", {}).get("name") == "m2", what="m2")
-                # 3 s queued, m3 and m4 after it, killAudio 0.3 s later.
-                await _send_audio(listen, beep * 3)
-                await listen.send({"type": "mark", "data": {"name": "m3"}})
-                await listen.send({"type": "mark", "data": {"name": "m4"}})
-                await asyncio.sleep(0.3)
-                killed = loop.time()
-                await listen.send({"type": "killAudio"})
-                await listen.next(lambda m: m.get("data", {}).get("name") == "m4", what="m4")
-                # A mark with nothing queued is reported with the next frame.
-                idle = loop.time()
-                await listen.send({"type": "mark", "data": {"name": "m5"}})
-                await listen.next(lambda m: m.get("data", {}).get("name") == "m5", what="m5")
-                # clearMarks: m6 is forgotten, its audio still plays.
-                await _send_audio(listen, beep)
-                await listen.send({"type": "mark", "data": {"name": "m6"}})
-                await listen.send({"type": "clearMarks"})
-                await asyncio.sleep(1.2)
-                await listen.send({"type": "disconnect"})
-                hook = await ctl.next_type("verb:hook")
-                await ctl.ack(hook, [{"verb": "hangup"}])
-                result = await sipp.wait()
-            assert_sipp_ok(result)
-            done = await wait_result(worker, new["call_sid"])
+        async with agent_call(tmp_path, "uac_wait_bye", "+15550000001") as call:
+            ctl, new, agent = call.ctl, call.new, call.agent
+            verb = {
+                "verb": "listen",
+                "url": agent.url("/marks"),
+                "actionHook": "/listen-done",
+                "bidirectionalAudio": {"streaming": True},
+            }
+            await ctl.ack(new, [verb])
+            listen = await agent.accept("/marks")
+            await listen.recv()  # metadata
+            loop = asyncio.get_running_loop()
+            # 1 s of audio, m1, 0.5 s more, m2, all at once.
+            started = loop.time()
+            await _send_audio(listen, beep)
+            await listen.send({"type": "mark", "data": {"name": "m1"}})
+            await _send_audio(listen, beep[:8000])
+            await listen.send({"type": "mark", "data": {"name": "m2"}})
+            await listen.next(lambda m: m.get("data", {}).get("name") == "m2", what="m2")
+            # 3 s queued, m3 and m4 after it, killAudio 0.3 s later.
+            await _send_audio(listen, beep * 3)
+            await listen.send({"type": "mark", "data": {"name": "m3"}})
+            await listen.send({"type": "mark", "data": {"name": "m4"}})
+            await asyncio.sleep(0.3)
+            killed = loop.time()
+            await listen.send({"type": "killAudio"})
+            await listen.next(lambda m: m.get("data", {}).get("name") == "m4", what="m4")
+            # A mark with nothing queued is reported with the next frame.
+            idle = loop.time()
+            await listen.send({"type": "mark", "data": {"name": "m5"}})
+            await listen.next(lambda m: m.get("data", {}).get("name") == "m5", what="m5")
+            # clearMarks: m6 is forgotten, its audio still plays.
+            await _send_audio(listen, beep)
+            await listen.send({"type": "mark", "data": {"name": "m6"}})
+            await listen.send({"type": "clearMarks"})
+            await asyncio.sleep(1.2)
+            await listen.send({"type": "disconnect"})
+            hook = await ctl.next_type("verb:hook")
+            await ctl.ack(hook, [{"verb": "hangup"}])
+            _, done = await call.finish()
 
         marks = _mark_events(listen)
         assert [e for e, _ in marks["m1"]] == ["playout"]
@@ -366,30 +355,22 @@ class TestListenPassDtmf:
     ends the verb and the actionHook gets the key."""
 
     async def test_digits_on_the_audio_socket(self, tmp_path: Path) -> None:
-        async with (
-            ScriptedAgent() as agent,
-            running_worker(tmp_path / "data", [agent_route("*", agent.url("/app"))]) as worker,
-        ):
-            sipp = caller(
-                tmp_path / "sipp", worker, "uac_dtmf_wait_bye", "+15550000002", duration_ms=500
-            )
-            async with sipp:
-                ctl = await agent.accept("/app")
-                new = await ctl.next_type("session:new")
-                verb = {
-                    "verb": "listen",
-                    "url": agent.url("/dtmf"),
-                    "passDtmf": True,
-                    "finishOnKey": "#",
-                    "actionHook": "/listen-done",
-                }
-                await ctl.ack(new, [verb])
-                listen = await agent.accept("/dtmf")
-                hook = await ctl.next_type("verb:hook")
-                await ctl.ack(hook, [{"verb": "hangup"}])
-                result = await sipp.wait()
-            assert_sipp_ok(result)
-            done = await wait_result(worker, new["call_sid"])
+        async with agent_call(
+            tmp_path, "uac_dtmf_wait_bye", "+15550000002", duration_ms=500
+        ) as call:
+            ctl, new, agent = call.ctl, call.new, call.agent
+            verb = {
+                "verb": "listen",
+                "url": agent.url("/dtmf"),
+                "passDtmf": True,
+                "finishOnKey": "#",
+                "actionHook": "/listen-done",
+            }
+            await ctl.ack(new, [verb])
+            listen = await agent.accept("/dtmf")
+            hook = await ctl.next_type("verb:hook")
+            await ctl.ack(hook, [{"verb": "hangup"}])
+            _, done = await call.finish()
         digits = [m for m in listen.texts() if m.get("event") == "dtmf"]
         assert [d["dtmf"] for d in digits] == ["1", "5", "#"]
         assert all(d["duration"] == "2240" for d in digits)  # 280 ms in 8 kHz units, a string
@@ -404,31 +385,24 @@ class TestBargeIn:
     hearing the agent (the recording shows it)."""
 
     async def test_caller_speech_clears_agent_audio(self, tmp_path: Path) -> None:
-        async with ScriptedAgent() as agent:
-            routes = [agent_route("*", agent.url("/app"), barge_in=True)]
-            async with running_worker(tmp_path / "data", routes) as worker:
-                sipp = caller(tmp_path / "sipp", worker, "uac_talk_wait_bye", "+15550000003")
-                async with sipp:
-                    ctl = await agent.accept("/app")
-                    new = await ctl.next_type("session:new")
-                    verb = {
-                        "verb": "listen",
-                        "url": agent.url("/l"),
-                        "bidirectionalAudio": {"streaming": True},
-                    }
-                    await ctl.ack(new, [verb])
-                    listen = await agent.accept("/l")
-                    await listen.recv()
-                    loop = asyncio.get_running_loop()
-                    began = loop.time()
-                    await _send_audio(listen, tone(500, 6.0))
-                    await listen.send({"type": "mark", "data": {"name": "greeting"}})
-                    mark = await listen.next(lambda m: m.get("type") == "mark", within=4)
-                    interrupted = loop.time() - began
-                    await listen.close()
-                    result = await sipp.wait()
-                assert_sipp_ok(result)
-                done = await wait_result(worker, new["call_sid"])
+        route = {"barge_in": True}
+        async with agent_call(tmp_path, "uac_talk_wait_bye", "+15550000003", route=route) as call:
+            verb = {
+                "verb": "listen",
+                "url": call.agent.url("/l"),
+                "bidirectionalAudio": {"streaming": True},
+            }
+            await call.ctl.ack(call.new, [verb])
+            listen = await call.agent.accept("/l")
+            await listen.recv()
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            await _send_audio(listen, tone(500, 6.0))
+            await listen.send({"type": "mark", "data": {"name": "greeting"}})
+            mark = await listen.next(lambda m: m.get("type") == "mark", within=4)
+            interrupted = loop.time() - began
+            await listen.close()
+            _, done = await call.finish()
         assert mark["data"] == {"name": "greeting", "event": "cleared"}
         assert 0.5 <= interrupted <= 2.0, interrupted  # speech starts 0.6 s into the capture
         events = EventLog(tmp_path / "data" / "events.jsonl").for_call(done.call_sid)
@@ -446,41 +420,33 @@ class TestListenStatusCommand:
     back on the same socket (jambonz-feature-server#751)."""
 
     async def test_pause_and_resume(self, tmp_path: Path) -> None:
-        async with (
-            ScriptedAgent() as agent,
-            running_worker(tmp_path / "data", [agent_route("*", agent.url("/app"))]) as worker,
-        ):
-            sipp = caller(tmp_path / "sipp", worker, "uac_wait_bye", "+15550000004")
-            async with sipp:
-                ctl = await agent.accept("/app")
-                new = await ctl.next_type("session:new")
-                await ctl.ack(new, [{"verb": "listen", "url": agent.url("/l")}])
-                listen = await agent.accept("/l")
-                await listen.recv()
-                loop = asyncio.get_running_loop()
-                await asyncio.sleep(0.4)
-                paused = loop.time()
-                await ctl.send(
-                    {
-                        "type": "command",
-                        "command": "listen:status",
-                        "data": {"listen_status": "pause"},
-                    }
-                )
-                await asyncio.sleep(0.6)
-                resumed = loop.time()
-                await ctl.send(
-                    {
-                        "type": "command",
-                        "command": "listen:status",
-                        "data": {"listen_status": "resume"},
-                    }
-                )
-                await asyncio.sleep(0.4)
-                await listen.send({"type": "disconnect"})
-                result = await sipp.wait()
-            assert_sipp_ok(result)
-            await wait_result(worker, new["call_sid"])
+        async with agent_call(tmp_path, "uac_wait_bye", "+15550000004") as call:
+            ctl, new, agent = call.ctl, call.new, call.agent
+            await ctl.ack(new, [{"verb": "listen", "url": agent.url("/l")}])
+            listen = await agent.accept("/l")
+            await listen.recv()
+            loop = asyncio.get_running_loop()
+            await asyncio.sleep(0.4)
+            paused = loop.time()
+            await ctl.send(
+                {
+                    "type": "command",
+                    "command": "listen:status",
+                    "data": {"listen_status": "pause"},
+                }
+            )
+            await asyncio.sleep(0.6)
+            resumed = loop.time()
+            await ctl.send(
+                {
+                    "type": "command",
+                    "command": "listen:status",
+                    "data": {"listen_status": "resume"},
+                }
+            )
+            await asyncio.sleep(0.4)
+            await listen.send({"type": "disconnect"})
+            await call.finish()
         times = [f.at for f in listen.binary() if f.data]
         during = [t for t in times if paused + 0.05 < t < resumed]
         after = [t for t in times if t > resumed + 0.05]
