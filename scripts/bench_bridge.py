@@ -467,6 +467,9 @@ def _percentiles(values: list[int]) -> dict[str, float]:
     }
 
 
+LOAD_SILENCE_S = 60.0  # the load process answers each step well within this
+
+
 async def run(calls: int, seconds: float, warmup: float, record: bool) -> dict[str, Any]:
     from worker.app import Worker
     from worker.config import load_settings
@@ -477,8 +480,17 @@ async def run(calls: int, seconds: float, warmup: float, record: bool) -> dict[s
     load = mp.get_context("spawn").Process(target=load_main, args=(child, calls), daemon=True)
     load.start()
     loop = asyncio.get_running_loop()
+
+    async def from_load() -> Any:
+        """The load process's next message; fails (never hangs) if it died or went silent."""
+        ready = await loop.run_in_executor(None, parent.poll, LOAD_SILENCE_S)
+        if not ready:
+            alive = "alive" if load.is_alive() else f"exited with {load.exitcode}"
+            raise RuntimeError(f"no word from the load process in {LOAD_SILENCE_S:.0f} s ({alive})")
+        return parent.recv()
+
     try:
-        agent_url: str = await loop.run_in_executor(None, parent.recv)
+        agent_url: str = await from_load()
         sip_port = free_port()
         rtp_span = 4 * calls + 8  # the worker's RTP ports, with room to spare
         rtp_low = free_port(span=rtp_span)
@@ -497,7 +509,7 @@ async def run(calls: int, seconds: float, warmup: float, record: bool) -> dict[s
             await worker.start()
             try:
                 parent.send(sip_port)
-                answered = await loop.run_in_executor(None, parent.recv)
+                answered = await from_load()
                 assert answered == "answered"
                 deadline = loop.time() + 15
                 while sum(1 for s in worker.sessions.values() if s.listen is not None) < calls:
@@ -522,7 +534,7 @@ async def run(calls: int, seconds: float, warmup: float, record: bool) -> dict[s
                     s.listen.dropped_frames for s in worker.sessions.values() if s.listen
                 )
                 parent.send("hang up")
-                load_counts = await loop.run_in_executor(None, parent.recv)
+                load_counts = await from_load()
                 await asyncio.sleep(0.5)
             finally:
                 await worker.close()
