@@ -194,6 +194,13 @@ class RtpSender:
     def payload_type(self) -> int:
         return self._payload_type
 
+    @payload_type.setter
+    def payload_type(self, value: int) -> None:
+        """Send later packets with ``value`` (a re-negotiated codec); the numbering goes on."""
+        if not 0 <= value <= 0x7F:
+            raise ValueError(f"payload type {value} is not 0-127")
+        self._payload_type = value
+
     @property
     def next_sequence(self) -> int:
         """The sequence number the next packet will carry."""

@@ -3,13 +3,16 @@ frames on the media tick; 20 ms PCM frames (or queued DTMF) → G.711 encode →
 
 The leg's asyncio adapter calls ``receive(packet, now)`` for each packet and, on every 20 ms tick,
 ``pull_frame(now)`` for the caller's audio and ``send_frame(pcm)`` for what the caller should hear.
+A re-negotiation that changes the codec (``set_codec``) keeps the stream, its numbering and its
+counters; packets still arriving in a previous codec's payload type while the peer switches are
+transcoded into the current one on arrival, so the jitter buffer sees one stream.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from media.dtmf import DtmfDigit, DtmfFrame, DtmfReceiver, DtmfSender
 from media.g711 import G711Codec
@@ -30,6 +33,7 @@ class StreamCounters:
     dtmf_in: int = 0
     dtmf_out: int = 0
     wrong_payload_type: int = 0
+    transcoded: int = 0
     pending_dropped_bytes: int = 0
 
 
@@ -53,11 +57,27 @@ class RtpStream:
         self._dtmf_out = (
             DtmfSender(telephone_event_pt, SAMPLE_RATE) if telephone_event_pt is not None else None
         )
+        self._previous: dict[int, G711Codec] = {}  # codecs negotiated before, by payload type
         self._dtmf_queue: deque[DtmfFrame] = deque()
         self._dtmf_start = 0
         self._pending = bytearray()
         self._first_packet = True
         self.counters = StreamCounters()
+
+    def set_codec(self, codec: G711Codec, telephone_event_pt: int | None) -> None:
+        """Use a re-negotiated codec from now on (sending and receiving)."""
+        if codec is not self.codec:
+            self._previous[self.codec.payload_type] = self.codec
+            self._previous.pop(codec.payload_type, None)
+            self.codec = codec
+            self.sender.payload_type = codec.payload_type
+        if telephone_event_pt != self.telephone_event_pt:
+            self.telephone_event_pt = telephone_event_pt
+            self._dtmf_out = (
+                DtmfSender(telephone_event_pt, SAMPLE_RATE)
+                if telephone_event_pt is not None
+                else None
+            )
 
     # inbound ---------------------------------------------------------------------------------
     def receive(self, packet: RtpPacket, now: float) -> DtmfDigit | None:
@@ -71,6 +91,14 @@ class RtpStream:
             if digit is not None:
                 self.counters.dtmf_in += 1
             return digit
+        previous = self._previous.get(pt)
+        if previous is not None:
+            payload = self.codec.encode(previous.decode(packet.payload))
+            self.counters.transcoded += 1
+            self.jitter.push(
+                replace(packet, payload_type=self.codec.payload_type, payload=payload), now
+            )
+            return None
         self.counters.wrong_payload_type += 1
         return None
 

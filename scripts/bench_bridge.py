@@ -52,7 +52,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -188,9 +188,9 @@ def install_probes(probes: Probes) -> None:
         return f
 
     def next_out(orig: Any) -> Any:
-        def f(self: Any, at: float) -> bytes:
+        def f(self: Any) -> bytes:
             state["next_out"] = now()
-            out: bytes = orig(self, at)
+            out: bytes = orig(self)
             return out
 
         return f
@@ -224,6 +224,16 @@ def install_probes(probes: Probes) -> None:
     wrap(MediaPipeline, "agent_audio", agent_audio)
     wrap(MediaPipeline, "next_out", next_out)
     wrap(MediaPacer, "_run", run_tick)
+
+
+def listening(worker: Any) -> Iterator[Any]:
+    """The running ``listen`` verbs of the worker's calls."""
+    from worker.session.jambonz_driver import JambonzDriver
+
+    for session in worker.sessions.values():
+        driver = session.driver
+        if isinstance(driver, JambonzDriver) and driver.listen is not None:
+            yield driver.listen
 
 
 # --------------------------------------------------------------------------- the load process
@@ -512,7 +522,7 @@ async def run(calls: int, seconds: float, warmup: float, record: bool) -> dict[s
                 answered = await from_load()
                 assert answered == "answered"
                 deadline = loop.time() + 15
-                while sum(1 for s in worker.sessions.values() if s.listen is not None) < calls:
+                while sum(1 for _ in listening(worker)) < calls:
                     if loop.time() > deadline:
                         raise RuntimeError(
                             f"only {len(worker.sessions)} of {calls} calls reached the agent"
@@ -531,7 +541,7 @@ async def run(calls: int, seconds: float, warmup: float, record: bool) -> dict[s
                 skipped = worker.pacer.skipped - skipped
                 live = len(worker.sessions)
                 dropped_to_agent = sum(
-                    s.listen.dropped_frames for s in worker.sessions.values() if s.listen
+                    listen.connection.dropped_frames for listen in listening(worker)
                 )
                 parent.send("hang up")
                 load_counts = await from_load()

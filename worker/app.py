@@ -1,8 +1,10 @@
 """The composition root: builds the worker's parts once from settings and wires them together.
 
-``Worker`` owns the media pacer, the SIP user agent and the routing of new calls; ``run_forever``
-is what ``aispinner-worker run`` calls. Routes: ``echo`` answers and returns the caller's audio
-(like Asterisk's Echo()), ``reject`` refuses with 403, ``agent`` bridges to a voice agent.
+``Worker`` owns the media pacer, the SIP user agent, the event bus and the routing of new calls;
+``run_forever`` is what ``aispinner-worker run`` calls. Routes: ``echo`` answers and returns the
+caller's audio (like Asterisk's Echo()), ``reject`` refuses with 403, ``agent`` bridges to a voice
+agent. Echo and agent calls both run as a ``CallSession`` (recorded when the route says so,
+their events published); only the driver differs.
 """
 
 from __future__ import annotations
@@ -17,33 +19,26 @@ import uvloop
 
 from worker.config import RouteSettings, Settings
 from worker.events.bus import EventBus, JsonlSink
+from worker.legs import Leg
 from worker.log import setup_logging
 from worker.pacer import MediaPacer
+from worker.session.clock import LoopClock
+from worker.session.drivers import driver_for
 from worker.session.fetch import AudioFetcher
 from worker.session.session import CallSession, SessionResult, SessionServices
 from worker.session.tts import EspeakSynthesizer
-from worker.sip.call import SipCall
 from worker.sip.ua import UserAgent
 
 log = logging.getLogger("worker.app")
 
 SHUTDOWN_GRACE_S = 5.0
 """How long ``Worker.close`` waits for hung-up calls' sessions to tell their agents."""
+RECENT_RESULTS = 256
+"""How many finished calls' results ``Worker.results`` keeps (the newest)."""
 
 
-class EchoRoute:
-    """Returns the caller's audio to the caller, frame for frame (bounded to 200 ms)."""
-
-    def __init__(self, call: SipCall) -> None:
-        self._frames: deque[bytes] = deque(maxlen=10)
-        call.on_audio = self._on_audio
-        call.audio_source = self._next
-
-    def _on_audio(self, frame: bytes, now: float) -> None:
-        self._frames.append(frame)
-
-    def _next(self, now: float) -> bytes | None:
-        return self._frames.popleft() if self._frames else None
+class StartError(Exception):
+    """The worker cannot start; the message names the setting to change."""
 
 
 class Worker:
@@ -55,9 +50,10 @@ class Worker:
         self.sink: JsonlSink | None = None
         self.services: SessionServices | None = None
         self.fetcher: AudioFetcher | None = None
-        self.results: list[SessionResult] = []
+        self.results: deque[SessionResult] = deque(maxlen=RECENT_RESULTS)
+        """The newest finished calls (bounded)."""
         self.sessions: dict[str, CallSession] = {}
-        """Calls bridged to an agent right now, by call sid."""
+        """Calls running right now, by call sid."""
         self._sessions_changed = asyncio.Event()
         self._closed = False
 
@@ -65,7 +61,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.pacer = MediaPacer(loop)
-        self.ua = UserAgent(self.settings, self.on_incoming, pacer=self.pacer)
+        self.ua = UserAgent(self.settings, self.on_incoming)
         self.sink = JsonlSink(self.settings.data_dir / "events.jsonl")
         self.bus.subscribe(self.sink)
         prompts = self.settings.data_dir / "prompts"
@@ -76,9 +72,20 @@ class Worker:
             synthesizer=EspeakSynthesizer(),
             fetcher=self.fetcher,
             publish=self.bus.publish,
+            pacer=self.pacer,
             place_call=self.ua.place_call,
+            clock=LoopClock(loop),
         )
-        await self.ua.start()
+        sip = self.settings.sip
+        try:
+            await self.ua.start()
+        except OSError as exc:
+            await self.close()
+            raise StartError(
+                f"cannot listen for SIP on {sip.host}:{sip.port} ({exc.strerror or exc}): "
+                "set sip.host / sip.port (AISPINNER_SIP__HOST / AISPINNER_SIP__PORT) "
+                "to a free address"
+            ) from exc
 
     async def close(self) -> None:
         """Hang up every call, let their sessions report the end to their agents (bounded by
@@ -99,7 +106,7 @@ class Worker:
     async def _end_sessions(self) -> None:
         sessions = list(self.sessions.values())
         for session in sessions:
-            await session.call.hangup("shutdown", 503)
+            session.hangup("shutdown", 503)
         if not sessions:
             return
         loop = asyncio.get_running_loop()
@@ -111,18 +118,18 @@ class Worker:
         if self.sessions:
             log.warning("sessions still running at shutdown", extra={"count": len(self.sessions)})
 
-    async def on_incoming(self, call: SipCall) -> None:
-        route = self.settings.route_for(call.to_user)
+    async def on_incoming(self, leg: Leg) -> None:
+        route = self.settings.route_for(leg.info.to_user)
         if route is None:  # the UA already answered 404; kept for routes changed at runtime
-            await call.hangup("no-route", 404)
+            leg.hangup("no-route", 404)
             return
         if route.action == "reject":
-            await call.hangup("rejected", 403)
-        elif route.action == "echo":
-            EchoRoute(call)
-            await call.answer()
+            leg.hangup("rejected", 403)
+        elif route.action == "agent" and route.agent_url is None:
+            leg.log.error("agent route without agent_url", extra={"route": route.match})
+            leg.hangup("no-agent", 503)
         else:
-            await self.bridge_to_agent(call, route)
+            await self.run_session(leg, route)
 
     async def originate(
         self, trunk: str, number: str, route: RouteSettings, *, from_user: str | None = None
@@ -130,36 +137,32 @@ class Worker:
         """Place a call through ``trunk`` and, once answered, bridge it to the route's agent.
         Returns when the call has ended (unanswered calls end as busy, no-answer or failed)."""
         assert self.ua is not None
-        call = await self.ua.place_call(trunk, number, from_user=from_user)
-        return await self._run_session(call, route)
+        leg = await self.ua.place_call(trunk, number, from_user=from_user)
+        return await self.run_session(leg, route)
 
-    async def bridge_to_agent(self, call: SipCall, route: RouteSettings) -> None:
-        if route.agent_url is None:
-            call.log.error("agent route without agent_url", extra={"route": route.match})
-            await call.hangup("no-agent", 503)
-            return
-        await self._run_session(call, route)
-
-    async def _run_session(self, call: SipCall, route: RouteSettings) -> SessionResult:
+    async def run_session(self, leg: Leg, route: RouteSettings) -> SessionResult:
         assert self.services is not None
-        session = CallSession(call, route, self.services)
+        session = CallSession(leg, route, self.services)
         self.sessions[session.call_sid] = session
         try:
-            result = await session.run()
+            result = await session.run(driver_for(session))
         finally:
             del self.sessions[session.call_sid]
             self._sessions_changed.set()
         self.results.append(result)
-        call.log.info(
+        counters = result.counters
+        leg.log.info(
             "session done",
             extra={
                 "status": result.status,
                 "duration": result.duration_sec,
                 "digits": result.digits,
                 "reason": result.reason,
-                "agent_audio_dropped_ms": round(result.counters.playout.dropped_ms),
-                "agent_invalid": result.counters.invalid_agent_messages,
-                "agent_reconnects": result.counters.reconnects,
+                "agent_audio_dropped_ms": round(counters.playout.dropped_ms),
+                "agent_audio_cleared_ms": round(counters.agent_audio_cleared_ms),
+                "agent_invalid": counters.invalid_agent_messages,
+                "agent_reconnects": counters.reconnects,
+                "recording": result.recording,
             },
         )
         return result
@@ -188,7 +191,7 @@ def run_forever(settings: Settings) -> int:
 
     try:
         uvloop.run(main())
-    except OSError as exc:  # typically the SIP port is taken
+    except StartError as exc:
         log.error("cannot start: %s", exc)
         return 1
     return 0

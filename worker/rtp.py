@@ -15,13 +15,18 @@ import random
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 
 from media.rtp import RtpCounters, RtpPacket, parse_or_count
 from worker.errors import LocalError
 
 Address = tuple[str, int]
-PacketHandler = Callable[[RtpPacket, float], None]
+
+
+class PacketReceiver(Protocol):
+    """Who gets a leg's RTP: ``worker.sip.leg.SipLeg``."""
+
+    def rtp_received(self, packet: RtpPacket, now: float) -> None: ...
 
 
 class PortsExhaustedError(LocalError):
@@ -75,13 +80,15 @@ class EndpointCounters:
     sent: int = 0
     send_errors: int = 0
     foreign_source: int = 0
+    unattached: int = 0
 
 
 class RtpEndpoint(asyncio.DatagramProtocol):
-    """One leg's RTP socket. ``on_packet(packet, now)`` gets every valid packet from the peer."""
+    """One leg's RTP socket. Its receiver (``attach``) gets every valid packet from the peer;
+    packets before a receiver is attached are counted and dropped."""
 
-    def __init__(self, on_packet: PacketHandler, loop: asyncio.AbstractEventLoop) -> None:
-        self._on_packet = on_packet
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._receiver: PacketReceiver | None = None
         self._loop = loop
         self._transport: asyncio.DatagramTransport | None = None
         self.remote: Address | None = None
@@ -101,6 +108,9 @@ class RtpEndpoint(asyncio.DatagramProtocol):
         self._transport = cast(asyncio.DatagramTransport, transport)
         sockname = transport.get_extra_info("sockname")
         self.local = (sockname[0], sockname[1])
+
+    def attach(self, receiver: PacketReceiver) -> None:
+        self._receiver = receiver
 
     def set_remote(self, remote: Address) -> None:
         """Send to ``remote`` (the address of the peer's SDP). If it differs from the address
@@ -128,7 +138,11 @@ class RtpEndpoint(asyncio.DatagramProtocol):
                 self.latched = source
         now = self._loop.time()
         self.last_received = now
-        self._on_packet(packet, now)
+        receiver = self._receiver
+        if receiver is None:
+            self.endpoint_counters.unattached += 1
+            return
+        receiver.rtp_received(packet, now)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -146,7 +160,11 @@ class RtpEndpoint(asyncio.DatagramProtocol):
         target = self.latched or self.remote
         if target is None or self._transport is None:
             return
-        self._transport.sendto(data, target)
+        try:
+            self._transport.sendto(data, target)
+        except (OSError, ValueError, TypeError, OverflowError):
+            self.endpoint_counters.send_errors += 1  # an address the socket refuses
+            return
         self.endpoint_counters.sent += 1
 
     def close(self) -> None:
@@ -166,7 +184,7 @@ class RtpPortPool:
         self.host = host
         self.allocator = PortAllocator(port_min, port_max)
 
-    async def open(self, on_packet: PacketHandler) -> RtpEndpoint:
+    async def open(self) -> RtpEndpoint:
         """Bind an endpoint on the next free port. The port is bound and taken before the first
         await, so concurrent opens never race for the same candidate."""
         loop = asyncio.get_running_loop()
@@ -182,7 +200,7 @@ class RtpPortPool:
             self.allocator.take(port)
             try:
                 _, protocol = await loop.create_datagram_endpoint(
-                    lambda: RtpEndpoint(on_packet, loop), sock=sock
+                    lambda: RtpEndpoint(loop), sock=sock
                 )
             except BaseException:
                 sock.close()

@@ -26,7 +26,7 @@ class TestRtpPortPoolOnUvloop:
         async def main() -> None:
             base = _range(200)
             pool = RtpPortPool("127.0.0.1", base, base + 200)
-            endpoints = await asyncio.gather(*(pool.open(lambda p, now: None) for _ in range(100)))
+            endpoints = await asyncio.gather(*(pool.open() for _ in range(100)))
             try:
                 assert len({e.local[1] for e in endpoints}) == 100
                 assert len(pool.allocator) == 0
@@ -45,16 +45,16 @@ class TestRtpPortPoolOnUvloop:
             pool = RtpPortPool("127.0.0.1", base, base + 4)  # two ports: base, base + 2
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
                 squatter.bind(("127.0.0.1", base))
-                first = await pool.open(lambda p, now: None)
+                first = await pool.open()
                 assert first.local[1] == base + 2
                 with pytest.raises(PortsExhaustedError):
-                    await pool.open(lambda p, now: None)
+                    await pool.open()
                 pool.close(first)
                 # Back in the pool once the loop has really closed the socket, not before.
                 assert pool.allocator.candidates() == [base]
                 await asyncio.sleep(0.01)
                 assert sorted(pool.allocator.candidates()) == [base, base + 2]
-                reopened: RtpEndpoint = await pool.open(lambda p, now: None)
+                reopened: RtpEndpoint = await pool.open()
                 assert reopened.local[1] == base + 2
                 pool.close(reopened)
 

@@ -26,10 +26,11 @@ import pytest
 
 from media.g711 import PCMU
 from tests.sipp import SCENARIOS, Sipp, SippResult, free_port
-from worker.app import EchoRoute
 from worker.config import Settings, load_settings
+from worker.legs import FRAME_BYTES, CallFailedError, LegDtmf, LegEnd, LegEnded, LegEvent
 from worker.pacer import MediaPacer
-from worker.sip.call import CallEnd, CallFailedError, CallState, SipCall
+from worker.sip.core import CallPhase
+from worker.sip.leg import SipLeg
 from worker.sip.transaction import Transport
 from worker.sip.ua import UserAgent
 
@@ -41,13 +42,49 @@ PCAP_AUDIO_PACKETS = 236  # RTP packets in SIPp's g711a.pcap (30 ms each)
 DTMF_PCAP_MS = 280  # the event duration of SIPp's dtmf_2833_*.pcap captures (2240 samples)
 PASSWORD = "s3cret-pw"
 
-Handler = Callable[[SipCall], Awaitable[None]]
+Handler = Callable[[SipLeg], Awaitable[None]]
+PACER: list[MediaPacer] = []  # the running harness's pacer
 
 
-async def echo(call: SipCall) -> None:
+class MediaTap:
+    """What a session does with a leg, for the user agent's own tests: observes its events
+    and ticks its media on the pacer. ``source(now)`` gives what the caller hears (default:
+    their own frame back, like the ``echo`` route), ``sink(frame, now)`` gets their audio."""
+
+    def __init__(
+        self,
+        leg: SipLeg,
+        *,
+        source: Callable[[float], bytes | None] | None = None,
+        sink: Callable[[bytes, float], None] | None = None,
+        on_event: Callable[[LegEvent], None] | None = None,
+    ) -> None:
+        self.leg = leg
+        self.source = source
+        self.sink = sink
+        self.on_event = on_event
+        self.pacer = PACER[-1]
+        leg.attach(self)
+        self.pacer.add(leg, self.tick)
+
+    def on_leg_event(self, event: LegEvent) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+        if isinstance(event, LegEnded):
+            self.pacer.remove(self.leg)
+
+    def tick(self, now: float) -> None:
+        frame = self.leg.pull_frame(now)
+        if frame is not None and self.sink is not None:
+            self.sink(frame, now)
+        out = self.source(now) if self.source is not None else frame
+        self.leg.send_frame(out if out is not None else bytes(FRAME_BYTES))
+
+
+async def echo(call: SipLeg) -> None:
     """What the worker's ``echo`` route does: answer and return the caller's audio."""
-    EchoRoute(call)
-    await call.answer()
+    MediaTap(call)
+    call.answer()
 
 
 class UaHarness:
@@ -56,17 +93,18 @@ class UaHarness:
     def __init__(self, settings: Settings, handler: Handler = echo) -> None:
         self.settings = settings
         self.handler = handler
-        self.calls: list[SipCall] = []
-        self.incoming: asyncio.Queue[SipCall] = asyncio.Queue()
+        self.calls: list[SipLeg] = []
+        self.incoming: asyncio.Queue[SipLeg] = asyncio.Queue()
         self.pacer = MediaPacer(asyncio.get_running_loop())
-        self.ua = UserAgent(settings, self._on_incoming, pacer=self.pacer)
+        PACER.append(self.pacer)
+        self.ua = UserAgent(settings, self._on_incoming)
 
-    async def _on_incoming(self, call: SipCall) -> None:
+    async def _on_incoming(self, call: SipLeg) -> None:
         self.calls.append(call)
         self.incoming.put_nowait(call)
         await self.handler(call)
 
-    async def next_call(self) -> SipCall:
+    async def next_call(self) -> SipLeg:
         return await asyncio.wait_for(self.incoming.get(), WAIT)
 
     @property
@@ -127,6 +165,7 @@ async def running(
     finally:
         await worker.ua.close()
         worker.pacer.close()
+        PACER.remove(worker.pacer)
 
 
 def sipp(tmp_path: Path, name: str, remote: str | None, *args: str, **kw: Any) -> Sipp:
@@ -157,7 +196,7 @@ async def uac_call(
     return result
 
 
-async def first_call_ended(worker: UaHarness) -> tuple[SipCall, CallEnd]:
+async def first_call_ended(worker: UaHarness) -> tuple[SipLeg, LegEnd]:
     """The worker's first call, once it has ended, and why it ended."""
     call = worker.calls[0]
     return call, await asyncio.wait_for(call.ended, WAIT)
@@ -167,7 +206,7 @@ def assert_ok(result: SippResult) -> None:
     assert result.returncode == 0, result.explain()
 
 
-def assert_audio_arrived(call: SipCall, expected_packets: int) -> None:
+def assert_audio_arrived(call: SipLeg, expected_packets: int) -> None:
     """At least 95 % of the caller's audio packets reached the jitter buffer and were played,
     not dropped as lost or late."""
     assert call.stream is not None
@@ -238,9 +277,13 @@ class TestRfc4733Section2_5DigitsFromSippCaptures:
     async def test_digits_reach_on_dtmf_with_their_duration(self, tmp_path: Path) -> None:
         presses: list[tuple[str, int, str]] = []
 
-        async def handler(call: SipCall) -> None:
-            call.on_dtmf = lambda digit, ms, method: presses.append((digit, ms, method))
-            await echo(call)
+        def pressed(event: LegEvent) -> None:
+            if isinstance(event, LegDtmf):
+                presses.append((event.digit, event.duration_ms, event.method))
+
+        async def handler(call: SipLeg) -> None:
+            MediaTap(call, on_event=pressed)
+            call.answer()
 
         async with running(tmp_path, handler) as worker:
             await uac_call(tmp_path, worker, "uac_dtmf_sequence.xml", timeout_s=30)
@@ -316,14 +359,13 @@ class TestRfc3261Section13_2UacCallToSippEcho:
                     heard.append(frame)
                     heard_at.append(now)
 
-                call.audio_source = play
-                call.on_audio = hear
+                MediaTap(call, source=play, sink=hear)
                 await asyncio.wait_for(call.answered, WAIT)
-                assert call.state is CallState.ANSWERED
+                assert call.phase is CallPhase.ANSWERED
                 assert call.media is not None
                 assert call.media.codec == "PCMU"
                 await asyncio.sleep(2.6)  # the pattern, then its echo through the jitter buffer
-                await call.hangup()
+                call.hangup()
                 assert call.end is not None
                 assert call.end.cause == "local-hangup"
                 result = await uas.wait()
@@ -370,7 +412,7 @@ class TestRfc3261Section22_3ProxyAuthentication:
             async with running(tmp_path, trunks=trunks) as worker:
                 call = await worker.ua.place_call("sipp", "service")
                 await asyncio.wait_for(call.answered, WAIT)
-                await call.hangup()
+                call.hangup()
                 result = await uas.wait()
                 assert_ok(result)
                 await worker.assert_released()
@@ -417,9 +459,10 @@ class TestRfc3261Section10_2_4RegistrationRefresh:
                 reg = worker.ua.registrations["sipp"]
                 registered_at: float | None = None
                 async with asyncio.timeout(WAIT):
+                    changed = worker.ua.registration_changed["sipp"]
                     while reg.refreshes < 1:
-                        await reg.changed.wait()
-                        reg.changed.clear()
+                        await changed.wait()
+                        changed.clear()
                         if reg.registered and registered_at is None:
                             registered_at = time.monotonic()
                 refreshed_at = time.monotonic()
@@ -446,8 +489,8 @@ class TestRfc3261Section9_1Cancel:
     ACK absorbed, and the call ends as cancelled."""
 
     async def test_cancel_while_ringing(self, tmp_path: Path) -> None:
-        async def ring_only(call: SipCall) -> None:
-            await call.ring()
+        async def ring_only(call: SipLeg) -> None:
+            call.ring()
             await asyncio.wait_for(asyncio.shield(call.ended), WAIT)
 
         async with running(tmp_path, ring_only) as worker:
@@ -467,25 +510,25 @@ class TestRfc3261Section9_1Cancel:
         """A CANCEL must end its own INVITE, not another one still opening its RTP port."""
         gate = asyncio.Event()
 
-        async def handler(call: SipCall) -> None:
+        async def handler(call: SipLeg) -> None:
             if call.to_user == "ring":
-                await call.ring()
+                call.ring()
                 await asyncio.wait_for(asyncio.shield(call.ended), WAIT)
             else:
                 await echo(call)
                 await asyncio.sleep(0.3)
-                await call.hangup()
+                call.hangup()
 
         async with running(tmp_path, handler) as worker:
             pool_open = worker.ua.rtp.open
             opens = 0
 
-            async def first_open_waits(on_packet: Any) -> Any:
+            async def first_open_waits() -> Any:
                 nonlocal opens
                 opens += 1
                 if opens == 1:
                     await gate.wait()
-                return await pool_open(on_packet)
+                return await pool_open()
 
             worker.ua.rtp.open = first_open_waits  # type: ignore[method-assign]
             first = sipp(
@@ -518,9 +561,12 @@ class TestRfc3264Section8_4HoldAndResume:
     async def test_hold_then_resume(self, tmp_path: Path) -> None:
         seen: list[tuple[bool, int]] = []
 
-        async def handler(call: SipCall) -> None:
-            call.on_state = lambda c: seen.append((c.on_hold, c.endpoint.endpoint_counters.sent))
-            await echo(call)
+        async def handler(call: SipLeg) -> None:
+            def changed(event: LegEvent) -> None:
+                seen.append((call.on_hold, call.endpoint.endpoint_counters.sent))
+
+            MediaTap(call, on_event=changed)
+            call.answer()
 
         # The caller sends no RTP at all: only the hold keeps the inactivity timer away.
         async with running(tmp_path, handler, rtp={"inactivity_timeout_s": 1.5}) as worker:
@@ -601,10 +647,10 @@ class TestRfc3261Section15_1ByeFromTheWorker:
     """The worker ends an answered call: SIPp receives the BYE and answers 200."""
 
     async def test_worker_hangs_up(self, tmp_path: Path) -> None:
-        async def answer_then_hang_up(call: SipCall) -> None:
+        async def answer_then_hang_up(call: SipLeg) -> None:
             await echo(call)
             await asyncio.sleep(0.5)
-            await call.hangup()
+            call.hangup()
 
         async with running(tmp_path, answer_then_hang_up) as worker:
             result = await uac_call(tmp_path, worker, "uac_wait_bye.xml", timeout_s=30)
@@ -670,10 +716,10 @@ class TestRfc3264Section5OfferInThe2xx:
     its media starts (RFC 3261 §13.2.1)."""
 
     async def test_late_offer(self, tmp_path: Path) -> None:
-        async def answer_then_hang_up(call: SipCall) -> None:
+        async def answer_then_hang_up(call: SipLeg) -> None:
             await echo(call)
             await asyncio.sleep(1.0)
-            await call.hangup()
+            call.hangup()
 
         async with running(tmp_path, answer_then_hang_up) as worker:
             result = await uac_call(tmp_path, worker, "uac_late_offer.xml")
@@ -770,14 +816,14 @@ class TestRfc3261Section21_5_4CallCapacity:
     async def test_max_calls(self, tmp_path: Path) -> None:
         release = asyncio.Event()
 
-        async def handler(call: SipCall) -> None:
+        async def handler(call: SipLeg) -> None:
             if call.to_user == "ring":
-                await call.ring()
+                call.ring()
                 await asyncio.wait_for(asyncio.shield(call.ended), WAIT)
             else:
                 await echo(call)
                 await asyncio.wait_for(release.wait(), WAIT)
-                await call.hangup()
+                call.hangup()
 
         async with running(tmp_path, handler, sip={"max_calls": 2}) as worker:
             ringing = sipp(
@@ -791,7 +837,7 @@ class TestRfc3261Section21_5_4CallCapacity:
             async with ringing:
                 first = await worker.next_call()
                 assert first.to_user == "ring"
-                await eventually(lambda: first.state is CallState.RINGING)
+                await eventually(lambda: first.phase is CallPhase.RINGING)
                 async with answered:
                     second = await worker.next_call()  # the ringing call leaves room for it
                     await asyncio.wait_for(second.answered, WAIT)
@@ -802,7 +848,7 @@ class TestRfc3261Section21_5_4CallCapacity:
                     ).run()  # fmt: skip
                     assert_ok(refused)
                     assert worker.ua.counters.over_capacity == 1
-                    assert first.state is CallState.RINGING
+                    assert first.phase is CallPhase.RINGING
                     release.set()
                     assert_ok(await answered.wait())
                 assert_ok(await ringing.wait())

@@ -41,11 +41,20 @@ def rtp(seq: int) -> bytes:
     return RtpPacket(8, seq, seq * 160, 0x1234, b"\xd5" * 160).serialize()
 
 
+class Receiver:
+    def __init__(self) -> None:
+        self.got: list[RtpPacket] = []
+
+    def rtp_received(self, packet: RtpPacket, now: float) -> None:
+        self.got.append(packet)
+
+
 class TestRtpEndpointLatch:
     def endpoint(self) -> tuple[RtpEndpoint, list[RtpPacket]]:
-        got: list[RtpPacket] = []
-        endpoint = RtpEndpoint(lambda packet, now: got.append(packet), asyncio.get_running_loop())
-        return endpoint, got
+        receiver = Receiver()
+        endpoint = RtpEndpoint(asyncio.get_running_loop())
+        endpoint.attach(receiver)
+        return endpoint, receiver.got
 
     async def test_latches_on_the_first_source_and_drops_others(self) -> None:
         endpoint, got = self.endpoint()

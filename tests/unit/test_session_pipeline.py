@@ -5,21 +5,20 @@ beep is listened for in a window at the start of the call, and reported once."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
+import pytest
 
 from media.stream import FRAME_BYTES, SAMPLE_RATE
-from tests.unit.test_session_verbs import make_session
+from tests.fakes import FakeLeg, make_harness
 from worker.agent.listen_audio import ListenAudioProtocol
+from worker.session import pipeline as pipeline_module
 from worker.session.pipeline import (
     AgentSink,
     BeepDetected,
     InbandDigit,
     MediaPipeline,
-    PipelineEvent,
 )
-from worker.sip.call import CallState
 
 
 def _tone_frames(low: float, high: float, seconds: float = 0.12) -> list[bytes]:
@@ -31,15 +30,15 @@ def _tone_frames(low: float, high: float, seconds: float = 0.12) -> list[bytes]:
 
 
 def _feed(pipeline: MediaPipeline, frames: list[bytes]) -> None:
-    silence = bytes(FRAME_BYTES)
     for index, frame in enumerate(frames):
-        pipeline.after_tick(frame, silence, index * 0.02)
+        out = pipeline.process(frame, index * 0.02)
+        pipeline.after_send(frame, out)
 
 
 class TestInbandDtmfTap:
     def test_off_by_default_and_on_when_asked(self) -> None:
-        events: list[PipelineEvent] = []
-        pipeline = MediaPipeline(on_event=events.append, detect_beep=False)
+        pipeline = MediaPipeline(detect_beep=False)
+        events = pipeline.events
         _feed(pipeline, _tone_frames(770, 1336))
         assert [e for e in events if isinstance(e, InbandDigit)] == []
         pipeline.use_inband_dtmf(True)
@@ -52,20 +51,16 @@ class TestInbandDtmfTap:
 
 class TestSessionSwitchesInbandDtmf:
     async def test_answer_without_telephone_event_hears_tones(self, tmp_path: Path) -> None:
-        session, leg, _, _ = make_session(tmp_path)
-        leg.media = SimpleNamespace(telephone_event_pt=None)  # type: ignore[attr-defined]
-        leg.state = CallState.ANSWERED
-        session._on_leg_state(leg)  # type: ignore[arg-type]
-        _feed(session.pipeline, _tone_frames(852, 1477))  # "9"
-        assert session.digits == ["9"]
+        h = make_harness(tmp_path, leg=FakeLeg(telephone_event=False))
+        h.leg.incoming.extend(_tone_frames(852, 1477))  # "9"
+        await h.run_ticks(len(h.leg.incoming))
+        assert h.session.digits == ["9"]
 
     async def test_answer_with_telephone_event_ignores_tones(self, tmp_path: Path) -> None:
-        session, leg, _, _ = make_session(tmp_path)
-        leg.media = SimpleNamespace(telephone_event_pt=101)  # type: ignore[attr-defined]
-        leg.state = CallState.ANSWERED
-        session._on_leg_state(leg)  # type: ignore[arg-type]
-        _feed(session.pipeline, _tone_frames(852, 1477))
-        assert session.digits == []
+        h = make_harness(tmp_path, leg=FakeLeg(telephone_event=True))
+        h.leg.incoming.extend(_tone_frames(852, 1477))
+        await h.run_ticks(len(h.leg.incoming))
+        assert h.session.digits == []
 
 
 def _beep_frames(seconds: float = 0.6) -> list[bytes]:
@@ -77,16 +72,18 @@ def _beep_frames(seconds: float = 0.6) -> list[bytes]:
 
 class TestVoicemailBeepWindow:
     def test_beep_inside_the_window_is_reported_once(self) -> None:
-        events: list[PipelineEvent] = []
-        pipeline = MediaPipeline(on_event=events.append)
+        pipeline = MediaPipeline()
         _feed(pipeline, _beep_frames() + _beep_frames())
+        events = pipeline.events
         assert [round(e.frequency) for e in events if isinstance(e, BeepDetected)] == [1000]
 
-    def test_beep_after_the_window_is_not_listened_for(self) -> None:
-        events: list[PipelineEvent] = []
-        pipeline = MediaPipeline(on_event=events.append, beep_window_ticks=10)
+    def test_beep_after_the_window_is_not_listened_for(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(pipeline_module, "BEEP_WINDOW_TICKS", 10)
+        pipeline = MediaPipeline()
         _feed(pipeline, [bytes(FRAME_BYTES)] * 10 + _beep_frames())
-        assert [e for e in events if isinstance(e, BeepDetected)] == []
+        assert [e for e in pipeline.events if isinstance(e, BeepDetected)] == []
 
 
 class TestListenMixTypes:
@@ -101,7 +98,10 @@ class TestListenMixTypes:
         pipeline.sink = AgentSink(sent.append, SAMPLE_RATE, protocol.audio_frame)
         caller = np.full(FRAME_BYTES // 2, 1000, "<i2")
         heard = np.full(FRAME_BYTES // 2, -3000, "<i2")
-        pipeline.after_tick(caller.tobytes(), heard.tobytes(), 0.0)
+        pipeline.agent_audio(heard.tobytes(), SAMPLE_RATE)  # what the caller hears this tick
+        out = pipeline.process(caller.tobytes(), 0.0)
+        assert out == heard.tobytes()
+        pipeline.after_send(caller.tobytes(), out)
         return np.frombuffer(b"".join(sent), "<i2"), caller, heard
 
     def test_stereo_interleaves_caller_left_heard_right(self) -> None:

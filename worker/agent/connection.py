@@ -860,6 +860,11 @@ class JambonzConnection:
     def connected(self) -> bool:
         return self._ws is not None and self._ws.state is State.OPEN and not self._closing
 
+    def counters(self) -> tuple[int, int, int]:
+        """(invalid messages answered, late acks, reconnect attempts) so far."""
+        core = self.control
+        return core.invalid_messages, core.late_acks, core.reconnects
+
     # ------------------------------------------------------------------ connect
 
     async def connect(self) -> None:

@@ -60,6 +60,7 @@ from worker.agent.verbs import (
     parse_verbs,
 )
 from worker.errors import LocalError
+from worker.legs import LegInfo
 
 __all__ = [
     "ACK_TIMEOUT",
@@ -1059,3 +1060,111 @@ def _parse_command(command: str, data: Any, queue_command: bool) -> Command:
     if command in _UNSUPPORTED_COMMANDS:
         raise _InvalidMessageError(f"unsupported command: {command}")
     raise _InvalidMessageError(f"invalid command: {command}")
+
+
+# --------------------------------------------------------------------------------------------
+# Call info: what the feature server says about a call (PROTOCOLS.md §1.4), built from the leg
+
+_LOWERCASED_HEADERS = frozenset(
+    name.lower()
+    for name in [
+        "From",
+        "To",
+        "Call-ID",
+        "CSeq",
+        "Via",
+        "Contact",
+        "Content-Type",
+        "Content-Length",
+        "Max-Forwards",
+        "User-Agent",
+        "Allow",
+        "Supported",
+    ]
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CallState:
+    """What changes during a call and goes into its call info."""
+
+    call_sid: str
+    sip_status: int
+    sip_reason: str
+    call_status: str
+    account_sid: str
+    application_sid: str
+    customer_data: Mapping[str, Any] | None = None
+
+
+def call_info(leg: LegInfo, state: CallState) -> dict[str, Any]:
+    """jambonz CallInfo (snake_case), as in ``call:status`` and ``verb:hook``."""
+    host, port = leg.local_address
+    info: dict[str, Any] = {
+        "call_sid": state.call_sid,
+        "direction": leg.direction,
+        "from": leg.from_user,
+        "to": leg.to_user,
+        "call_id": leg.call_id,
+        "sbc_callid": leg.header("X-CID") or leg.call_id,
+        "sip_status": state.sip_status,
+        "sip_reason": state.sip_reason,
+        "call_status": state.call_status,
+        "caller_id": leg.from_user,
+        "account_sid": state.account_sid,
+        "application_sid": state.application_sid,
+        "trace_id": state.call_sid.replace("-", ""),
+        "fs_sip_address": f"{host}:{port}",
+        "originating_sip_ip": leg.remote_address[0],
+    }
+    if state.customer_data:
+        info["customerData"] = dict(state.customer_data)
+    return info
+
+
+def sip_headers(leg: LegInfo) -> dict[str, str]:
+    """The initial request's headers as jambonz gives them: one key per header name (the usual
+    ones lowercased), each value whole as received; a header on several lines has its values
+    joined with ", " (RFC 3261 §7.3.1), so nothing is dropped."""
+    out: dict[str, str] = {}
+    for name, value in leg.headers:
+        key = name.lower() if name.lower() in _LOWERCASED_HEADERS else name
+        out[key] = f"{out[key]}, {value}" if key in out else value
+    return out
+
+
+def session_new_data(
+    leg: LegInfo,
+    state: CallState,
+    *,
+    has_recording: bool,
+    env_vars: Mapping[str, str],
+    service_provider_sid: str = "aispinner",
+) -> dict[str, Any]:
+    """The ``data`` of ``session:new`` for a call whose leg is ``leg``: the call info with
+    ``local_sip_address`` in place of ``fs_sip_address``, and the initial request under ``sip``
+    (``raw`` exactly as it was received)."""
+    info = call_info(leg, state)
+    info["local_sip_address"] = info.pop("fs_sip_address")
+    info["caller_name"] = leg.caller_name
+    info["has_recording"] = has_recording
+    info["service_provider_sid"] = service_provider_sid
+    if leg.raw:
+        request_line = leg.raw.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+        method = request_line.split(" ", 1)[0]
+        body = leg.body.decode("utf-8", "replace")
+        info["sip"] = {
+            "headers": sip_headers(leg),
+            "raw": leg.raw.decode("utf-8", "replace"),
+            "body": body,
+            "method": method,
+            "version": "2.0",
+            "uri": leg.request_uri,
+            "payload": [{"type": leg.content_type or "", "content": body}] if body else [],
+        }
+    info["defaults"] = {
+        "synthesizer": {"vendor": "espeak-ng", "language": "en-US", "voice": "en-us"},
+        "recognizer": {"vendor": "none", "language": "en-US"},
+    }
+    info["env_vars"] = dict(env_vars)
+    return info

@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -272,3 +273,17 @@ class TwilioStream:
         if _looks_like_wav(ulaw):
             return self._invalid("media payload has a WAV header; send raw µ-law", text)
         return [MediaReceived(ulaw)] if ulaw else []
+
+
+def stream_for_call(
+    call_sid: str, custom_parameters: Mapping[str, str] | None = None
+) -> TwilioStream:
+    """The Media Stream of one call: a fresh ``MZ…`` stream sid, the ``CA…`` call sid derived
+    from the worker's call sid, and the account sid from ``custom_parameters`` (else zeros)."""
+    parameters = dict(custom_parameters or {})
+    return TwilioStream(
+        stream_sid="MZ" + uuid.uuid4().hex,
+        call_sid="CA" + call_sid.replace("-", ""),
+        account_sid=parameters.get("account_sid", "AC" + "0" * 32),
+        custom_parameters=parameters,
+    )

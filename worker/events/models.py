@@ -49,7 +49,7 @@ CallStatusValue: TypeAlias = Literal[
     "trying", "ringing", "early-media", "in-progress", "completed", "failed", "busy", "no-answer"
 ]
 FinalStatus: TypeAlias = Literal["completed", "failed", "busy", "no-answer"]
-DtmfMethod: TypeAlias = Literal["rfc4733", "sip-info", "inband"]
+DtmfMethod: TypeAlias = Literal["rfc4733", "sip-info", "inband", "ari"]
 
 _ROLE_SYNONYMS = {
     "agent": "agent",
@@ -125,6 +125,22 @@ class CallStatusEvent(_CallEventModel):
     at: AwareDatetime = Field(default_factory=_now)
 
 
+class MediaQualityFigures(_EventModel):
+    """A call's media figures: ``lost``, ``late`` and ``jitter_ms`` as our jitter buffer saw the
+    caller's stream; the ``peer_*`` figures and ``round_trip_ms`` as the far end reported our
+    stream in RTCP (None when it sent no receiver report)."""
+
+    packets_in: NonNegativeInt
+    packets_out: NonNegativeInt
+    lost: NonNegativeInt
+    late: NonNegativeInt
+    jitter_ms: NonNegativeFloat
+    peer_fraction_lost: Annotated[float, Field(ge=0, le=1)] | None = None
+    peer_cumulative_lost: int | None = None
+    peer_jitter_ms: NonNegativeFloat | None = None
+    round_trip_ms: NonNegativeFloat | None = None
+
+
 class CallDoneEvent(_CallEventModel):
     """The call ended; ``duration_sec`` counts from the answer (0 if never answered)."""
 
@@ -133,6 +149,7 @@ class CallDoneEvent(_CallEventModel):
     duration_sec: NonNegativeInt
     recording_path: str | None = None
     cause: str | None = None
+    media: MediaQualityFigures | None = None
 
 
 class CallDtmfEvent(_CallEventModel):
@@ -146,10 +163,14 @@ class CallDtmfEvent(_CallEventModel):
 
 
 class CallInterruptionEvent(_CallEventModel):
-    """The caller spoke over the agent (barge-in): agent audio was cleared."""
+    """Agent audio was cleared before it played: the caller spoke over the agent
+    (``barge-in``), or the agent flushed it (``agent-clear``: jambonz ``killAudio``, Twilio
+    ``clear``). ``cleared_ms``: how much audio was dropped."""
 
     type: Literal["call.interruption"] = "call.interruption"
     at: AwareDatetime = Field(default_factory=_now)
+    reason: Literal["barge-in", "agent-clear"] = "barge-in"
+    cleared_ms: NonNegativeFloat = 0.0
 
 
 class CallVoicemailDetectedEvent(_CallEventModel):

@@ -1,11 +1,25 @@
-"""One call's media pipeline between the leg (8 kHz PCM, one frame per 20 ms tick) and the agent.
+"""One call's media pipeline, sans-I/O: what happens to the caller's frame and the agent's audio
+within one 20 ms tick (8 kHz 16-bit PCM at the leg side).
 
-Caller side, after each tick: recorder (left), VAD (barge-in), beep detector (voicemail),
-in-band DTMF (``use_inband_dtmf``, for legs without RFC 4733), resample to the agent's rate,
-hand to the agent sink. Agent side: streamed audio at any rate → resample → playout buffer
-(marks, clear); prompts (say/play) → their own queue; the frame the caller hears mixes both.
-Sans-I/O: the session calls ``next_out(now)`` and ``after_tick(caller, out, now)``; nothing
-here awaits.
+The tick is two calls around the leg's send, so what the caller hears leaves as early as
+possible:
+
+``process(caller, now)`` -> the frame the caller hears:
+1. taps on the caller's frame: VAD and barge-in (only with ``barge_in``), the voicemail beep
+   detector (the first minute), in-band DTMF (legs without RFC 4733);
+2. the caller's audio, resampled to the agent sink's rate, to the agent (``mono``);
+3. the frame the caller hears: the playout buffer (streamed agent audio, marks) mixed with the
+   current prompt; a barge-in detected in step 1 has already silenced it.
+
+``after_send(caller, out)``, once the leg has sent ``out``:
+4. ``mixed``/``stereo`` frames (the caller with what they heard) to the agent;
+5. the recorder (caller left, what the caller heard right).
+
+What happened (interruption, beep, digit, marks reached) is appended to ``events``, which the
+session drains after the tick; nothing here calls out or awaits.
+
+Agent side, between ticks: ``agent_audio`` (streamed audio at any rate → resample → playout
+buffer), ``mark``, ``clear``, ``play`` (a prompt, 8 kHz).
 """
 
 from __future__ import annotations
@@ -14,16 +28,17 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from media.playout import MarkReached, PlayoutBuffer
+from media.playout import PlayoutBuffer
 from media.recorder import StereoMp3Recorder
 from media.resample import Resampler
-from media.stream import FRAME_BYTES
-from media.stream import SAMPLE_RATE as RATE
 from media.tones import BeepDetector, InbandDtmfDetector
 from media.vad import VoiceActivityDetector
 from worker.agent.listen_audio import mix_saturating
+from worker.legs import FRAME_BYTES
+from worker.legs import SAMPLE_RATE as RATE
 
 SILENCE = bytes(FRAME_BYTES)
+BEEP_WINDOW_TICKS = 60 * 50  # answering machines beep early: listen for 60 s only
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +47,7 @@ class Interruption:
 
     at: float
     cleared_marks: tuple[str, ...]
+    cleared_ms: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,12 +62,21 @@ class InbandDigit:
 
 
 @dataclass(frozen=True, slots=True)
-class SpeechEdge:
-    kind: str  # speech-start | speech-stop
-    at: float
+class MarksReached:
+    """The audio before these marks has been sent to the caller."""
+
+    names: tuple[str, ...]
 
 
-PipelineEvent = Interruption | BeepDetected | InbandDigit | SpeechEdge
+PipelineEvent = Interruption | BeepDetected | InbandDigit | MarksReached
+
+
+@dataclass(frozen=True, slots=True)
+class Cleared:
+    """What a ``clear`` flushed: the marks it cleared and the milliseconds of audio."""
+
+    marks: tuple[str, ...]
+    ms: float
 
 
 @dataclass(slots=True)
@@ -59,15 +84,6 @@ class _Prompt:
     pcm: bytes
     on_done: Callable[[bool], None]
     offset: int = 0
-
-
-@dataclass(slots=True)
-class PipelineCounters:
-    ticks: int = 0
-    frames_to_agent: int = 0
-    caller_silence_frames: int = 0
-    interruptions: int = 0
-    agent_bytes_in: int = 0
 
 
 @dataclass(slots=True)
@@ -93,15 +109,14 @@ class MediaPipeline:
     recorder: StereoMp3Recorder | None = None
     barge_in: bool = False
     detect_beep: bool = True
-    beep_window_ticks: int = 60 * 50  # answering machines beep early: listen for 60 s only
     playout_max_ms: int = 10_000
-    on_event: Callable[[PipelineEvent], None] | None = None
-    on_marks: Callable[[list[MarkReached]], None] | None = None
     sink: AgentSink | None = None
     muted: bool = False
-    counters: PipelineCounters = field(default_factory=PipelineCounters)
+    events: list[PipelineEvent] = field(default_factory=list)
+    cleared_ms: float = 0.0  # agent audio flushed by clear() over the call
+    ticks: int = 0
     playout: PlayoutBuffer = field(init=False)
-    _vad: VoiceActivityDetector = field(init=False)
+    _vad: VoiceActivityDetector | None = field(init=False)
     _beep: BeepDetector | None = field(init=False)
     _inband: InbandDtmfDetector | None = field(init=False, default=None)
     _prompts: deque[_Prompt] = field(init=False)
@@ -109,7 +124,7 @@ class MediaPipeline:
 
     def __post_init__(self) -> None:
         self.playout = PlayoutBuffer(RATE, 20, self.playout_max_ms)
-        self._vad = VoiceActivityDetector(RATE, 2)
+        self._vad = VoiceActivityDetector(RATE, 2) if self.barge_in else None
         self._beep = BeepDetector(RATE) if self.detect_beep else None
         self._prompts = deque()
         self._return = {}
@@ -122,10 +137,9 @@ class MediaPipeline:
         elif self._inband is None:
             self._inband = InbandDtmfDetector(RATE)
 
-    # -- agent → caller ------------------------------------------------------------------------
+    # -- agent → caller (between ticks) -----------------------------------------------------------
     def agent_audio(self, pcm: bytes, rate: int) -> None:
         """Streamed audio from the agent at ``rate``; queued for playout (bounded)."""
-        self.counters.agent_bytes_in += len(pcm)
         if rate != RATE:
             resampler = self._return.get(rate)
             if resampler is None:
@@ -142,13 +156,18 @@ class MediaPipeline:
                 self.playout.write(tail)
         self.playout.mark(name)
 
-    def clear(self) -> list[str]:
-        """Drop queued agent audio and prompts (barge-in, killAudio); the marks it cleared."""
+    def clear(self) -> Cleared:
+        """Drop queued agent audio and prompts (barge-in, killAudio, Twilio ``clear``)."""
         for resampler in self._return.values():
             resampler.clear()
+        ms = self.playout.queued_ms
         while self._prompts:
-            self._prompts.popleft().on_done(False)
-        return self.playout.clear()
+            prompt = self._prompts.popleft()
+            ms += (len(prompt.pcm) - prompt.offset) / (2 * RATE) * 1000
+            prompt.on_done(False)
+        cleared = Cleared(tuple(self.playout.clear()), ms)
+        self.cleared_ms += ms
+        return cleared
 
     def play(self, pcm: bytes, on_done: Callable[[bool], None]) -> None:
         """Queue a prompt (8 kHz PCM); ``on_done(True)`` when fully played, False if cleared."""
@@ -158,11 +177,37 @@ class MediaPipeline:
     def agent_speaking(self) -> bool:
         return bool(self._prompts) or self.playout.playing
 
-    def next_out(self, now: float) -> bytes:
-        """The 20 ms the caller hears now: prompt and streamed audio, mixed when both play."""
+    # -- the tick ------------------------------------------------------------------------------
+    def process(self, caller: bytes | None, now: float) -> bytes:
+        """Steps 1-3 of the tick (see the module docstring); the frame the caller hears."""
+        self.ticks += 1
+        if caller is not None:
+            self._taps(caller, now)
+        sink = self.sink
+        if sink is not None and sink.combine is None and not sink.paused:
+            up = sink.resampler.process(SILENCE if self.muted or caller is None else caller)
+            if up:
+                sink.send(up)
+        return self.next_out()
+
+    def after_send(self, caller: bytes | None, out: bytes) -> None:
+        """Steps 4-5 of the tick, once ``out`` has been sent to the caller."""
+        if caller is None:
+            caller = SILENCE
+        sink = self.sink
+        if sink is not None and sink.combine is not None and not sink.paused:
+            up = sink.resampler.process(SILENCE if self.muted else caller)
+            up = sink.combine(up, sink.out_resampler.process(out))
+            if up:
+                sink.send(up)
+        if self.recorder is not None:
+            self.recorder.write_frame(caller, out)
+
+    def next_out(self) -> bytes:
+        """Step 3: the frame the caller hears now (streamed audio and prompt, mixed)."""
         stream, reached = self.playout.next_frame()
-        if reached and self.on_marks is not None:
-            self.on_marks(reached)
+        if reached:
+            self.events.append(MarksReached(tuple(mark.name for mark in reached)))
         if not self._prompts:
             return stream
         prompt = self._prompts[0]
@@ -175,49 +220,23 @@ class MediaPipeline:
             prompt.on_done(True)
         return mix_saturating(chunk, stream) if self.playout.playing else chunk
 
-    # -- caller → agent ------------------------------------------------------------------------
-    def after_tick(self, caller: bytes | None, out: bytes, now: float) -> None:
-        """Everything that needs the tick's caller frame and what the caller heard."""
-        self.counters.ticks += 1
-        if caller is None:
-            self.counters.caller_silence_frames += 1
-            caller = SILENCE
-        else:
-            self._analyse(caller, now)
-        if self.recorder is not None:
-            self.recorder.write_frame(caller, out)
-        sink = self.sink
-        if sink is None or sink.paused:
-            return
-        heard = SILENCE if self.muted else caller
-        up = sink.resampler.process(heard)
-        if sink.combine is not None:
-            up = sink.combine(up, sink.out_resampler.process(out))
-        if up:
-            self.counters.frames_to_agent += 1
-            sink.send(up)
-
-    def _analyse(self, caller: bytes, now: float) -> None:
-        emit = self.on_event
-        vad = self._vad.process(caller, now)
+    def _taps(self, caller: bytes, now: float) -> None:
+        vad = self._vad
         if vad is not None:
-            if emit is not None:
-                emit(SpeechEdge(vad.kind, vad.at))
-            if vad.kind == "speech-start" and self.barge_in and self.agent_speaking:
+            edge = vad.process(caller, now)
+            if edge is not None and edge.kind == "speech-start" and self.agent_speaking:
                 cleared = self.clear()
-                self.counters.interruptions += 1
-                if emit is not None:
-                    emit(Interruption(now, tuple(cleared)))
+                self.events.append(Interruption(now, cleared.marks, cleared.ms))
         if self._beep is not None:
             # ~16 µs a tick: stop after the first beep or once the window has passed.
             beep = self._beep.feed(caller, now)
-            if beep is not None or self.counters.ticks >= self.beep_window_ticks:
+            if beep is not None or self.ticks >= BEEP_WINDOW_TICKS:
                 self._beep = None
-            if beep is not None and emit is not None:
-                emit(BeepDetected(now, beep.frequency))
-        if self._inband is not None and emit is not None:
+            if beep is not None:
+                self.events.append(BeepDetected(now, beep.frequency))
+        if self._inband is not None:
             for digit in self._inband.feed(caller, now):
-                emit(InbandDigit(digit))
+                self.events.append(InbandDigit(digit))
 
     def close(self) -> None:
         if self.recorder is not None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Final
 
 from worker.errors import LocalError, RemoteError
+from worker.status_codes import REASON_PHRASES
 
 SIP_VERSION: Final = "SIP/2.0"
 MAGIC_COOKIE: Final = "z9hG4bK"
@@ -934,6 +935,8 @@ class SipRequest(SipMessage):
     uri: SipUri
     headers: Headers = field(default_factory=Headers)
     body: bytes = b""
+    raw: bytes = field(default=b"", compare=False, repr=False)
+    """The message exactly as it came off the wire (empty for requests we build)."""
 
     def start_line(self) -> str:
         return f"{self.method} {self.uri} {SIP_VERSION}"
@@ -1073,7 +1076,7 @@ def parse(data: bytes, *, max_size: int = DEFAULT_MAX_MESSAGE_SIZE) -> Message:
         raise MessageTooLarge(
             "Message Too Large", start_line=head.start_line, method=method, headers=head.headers
         )
-    return _finish(head, data, body_start)
+    return _finish(head, data[start:] if start else data, body_start - start)
 
 
 def _method_of(start_line: str) -> str | None:
@@ -1142,6 +1145,8 @@ def _finish(head: _Head, data: bytes | bytearray, body_start: int) -> Message:
     else:
         body = bytes(data[body_start : body_start + length])
     message.body = body
+    if isinstance(message, SipRequest):
+        message.raw = bytes(data[: body_start + len(body)])
     return message
 
 
@@ -1266,60 +1271,6 @@ class StreamFramer:
 # --------------------------------------------------------------------------------------------
 # Building messages
 
-REASON_PHRASES: Final[dict[int, str]] = {
-    100: "Trying",
-    180: "Ringing",
-    181: "Call Is Being Forwarded",
-    182: "Queued",
-    183: "Session Progress",
-    200: "OK",
-    202: "Accepted",
-    300: "Multiple Choices",
-    301: "Moved Permanently",
-    302: "Moved Temporarily",
-    305: "Use Proxy",
-    380: "Alternative Service",
-    400: "Bad Request",
-    401: "Unauthorized",
-    402: "Payment Required",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    406: "Not Acceptable",
-    407: "Proxy Authentication Required",
-    408: "Request Timeout",
-    410: "Gone",
-    413: "Request Entity Too Large",
-    414: "Request-URI Too Long",
-    415: "Unsupported Media Type",
-    416: "Unsupported URI Scheme",
-    420: "Bad Extension",
-    421: "Extension Required",
-    422: "Session Interval Too Small",
-    423: "Interval Too Brief",
-    480: "Temporarily Unavailable",
-    481: "Call/Transaction Does Not Exist",
-    482: "Loop Detected",
-    483: "Too Many Hops",
-    484: "Address Incomplete",
-    485: "Ambiguous",
-    486: "Busy Here",
-    487: "Request Terminated",
-    488: "Not Acceptable Here",
-    491: "Request Pending",
-    493: "Undecipherable",
-    500: "Server Internal Error",
-    501: "Not Implemented",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Server Time-out",
-    505: "Version Not Supported",
-    513: "Message Too Large",
-    600: "Busy Everywhere",
-    603: "Decline",
-    604: "Does Not Exist Anywhere",
-    606: "Not Acceptable",
-}
 
 DIALOG_CREATING_METHODS: Final = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import ClassVar, Final
 
@@ -112,6 +112,9 @@ class OutgoingMessage:
     data: bytes
     destination: Address
     transport: Transport
+    transaction_id: str | None = field(default=None, compare=False)
+    """The client or server transaction that sends it; report a failed send to
+    ``TransactionLayer.transport_error`` with it (§17.1.4, §17.2.4)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +218,9 @@ class _Transaction:
         return self.transport is Transport.UDP
 
     def _send(self, data: bytes) -> None:
-        self.layer._outgoing.append(OutgoingMessage(data, self.destination, self.transport))
+        self.layer._outgoing.append(
+            OutgoingMessage(data, self.destination, self.transport, self.id)
+        )
 
     def _arm(self, name: str, at: float) -> None:
         self.timers[name] = at

@@ -26,6 +26,7 @@ from worker.sip.transaction import Transport
 Address = tuple[str, int]
 MessageHandler = Callable[[Message, Address, Transport], None]
 ErrorHandler = Callable[[SipMessageError, Address, Transport], None]
+SendFailed = Callable[[str], None]
 
 log = logging.getLogger("worker.sip.transport")
 
@@ -164,12 +165,25 @@ class SipTransport:
             return
         self.on_message(message, source, Transport.UDP)
 
-    def send(self, data: bytes, destination: Address, transport: Transport) -> None:
+    def send(
+        self,
+        data: bytes,
+        destination: Address,
+        transport: Transport,
+        on_failure: SendFailed | None = None,
+    ) -> None:
+        """Put ``data`` on the wire; never raises. A send that cannot happen (no socket, an
+        address the socket refuses, a TCP connect that fails) is counted, logged and reported
+        to ``on_failure`` with the reason."""
         if transport is Transport.UDP:
             if self._udp is None or self._udp.transport is None:
-                self.counters.send_failures += 1
+                self._failed(destination, "no UDP socket", on_failure)
                 return
-            self._udp.transport.sendto(data, destination)
+            try:
+                self._udp.transport.sendto(data, destination)
+            except (OSError, ValueError, TypeError, OverflowError) as exc:
+                self._failed(destination, f"cannot send to {destination!r}: {exc}", on_failure)
+                return
             self.counters.datagrams_out += 1
             return
         conn = self.connections.get(destination)
@@ -177,16 +191,25 @@ class SipTransport:
             conn.send(data)
             return
         # The loop keeps only a weak reference to tasks: hold it until the bytes are out.
-        task = asyncio.get_running_loop().create_task(self._connect_and_send(data, destination))
+        task = asyncio.get_running_loop().create_task(
+            self._connect_and_send(data, destination, on_failure)
+        )
         self._sending.add(task)
         task.add_done_callback(self._sending.discard)
 
-    async def _connect_and_send(self, data: bytes, destination: Address) -> None:
+    def _failed(self, destination: Address, reason: str, on_failure: SendFailed | None) -> None:
+        self.counters.send_failures += 1
+        log.warning("sip send failed", extra={"destination": repr(destination), "why": reason})
+        if on_failure is not None:
+            on_failure(reason)
+
+    async def _connect_and_send(
+        self, data: bytes, destination: Address, on_failure: SendFailed | None
+    ) -> None:
         try:
             conn = await self.connect(destination)
-        except OSError as exc:
-            self.counters.send_failures += 1
-            log.warning("tcp connect failed", extra={"destination": destination, "error": str(exc)})
+        except (OSError, ValueError, TypeError, OverflowError) as exc:
+            self._failed(destination, f"tcp connect failed: {exc}", on_failure)
             return
         conn.send(data)
 
