@@ -3,16 +3,17 @@ frames on the media tick; 20 ms PCM frames (or queued DTMF) → G.711 encode →
 
 The leg's asyncio adapter calls ``receive(packet, now)`` for each packet and, on every 20 ms tick,
 ``pull_frame(now)`` for the caller's audio and ``send_frame(pcm)`` for what the caller should hear.
-A re-negotiation that changes the codec (``set_codec``) keeps the stream, its numbering and its
-counters; packets still arriving in a previous codec's payload type while the peer switches are
-transcoded into the current one on arrival, so the jitter buffer sees one stream.
+Packets are decoded on arrival, each with the codec of its own payload type, and the jitter
+buffer holds PCM: a re-negotiation that changes the codec (``set_codec``) keeps the stream, its
+numbering and its counters, and packets still arriving in a previous codec while the peer
+switches (or already queued) play as they should.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from media.dtmf import DtmfDigit, DtmfFrame, DtmfReceiver, DtmfSender
 from media.g711 import G711Codec
@@ -33,7 +34,7 @@ class StreamCounters:
     dtmf_in: int = 0
     dtmf_out: int = 0
     wrong_payload_type: int = 0
-    transcoded: int = 0
+    previous_codec: int = 0  # packets in a codec negotiated before the current one
     pending_dropped_bytes: int = 0
 
 
@@ -51,13 +52,16 @@ class RtpStream:
     ) -> None:
         self.codec = codec
         self.telephone_event_pt = telephone_event_pt
-        self.jitter = JitterBuffer(SAMPLE_RATE, min_ms=jitter_min_ms, max_ms=jitter_max_ms)
+        self.jitter = JitterBuffer(
+            SAMPLE_RATE, min_ms=jitter_min_ms, max_ms=jitter_max_ms, samples_of=_pcm_samples
+        )
         self.sender = RtpSender(codec.payload_type, secrets.randbits(32) if ssrc is None else ssrc)
         self._dtmf_in = DtmfReceiver(SAMPLE_RATE)
         self._dtmf_out = (
             DtmfSender(telephone_event_pt, SAMPLE_RATE) if telephone_event_pt is not None else None
         )
-        self._previous: dict[int, G711Codec] = {}  # codecs negotiated before, by payload type
+        self._decoders: dict[int, G711Codec] = {codec.payload_type: codec}  # every one negotiated
+        self._decoded = _Decoded()
         self._dtmf_queue: deque[DtmfFrame] = deque()
         self._dtmf_start = 0
         self._pending = bytearray()
@@ -67,8 +71,7 @@ class RtpStream:
     def set_codec(self, codec: G711Codec, telephone_event_pt: int | None) -> None:
         """Use a re-negotiated codec from now on (sending and receiving)."""
         if codec is not self.codec:
-            self._previous[self.codec.payload_type] = self.codec
-            self._previous.pop(codec.payload_type, None)
+            self._decoders[codec.payload_type] = codec
             self.codec = codec
             self.sender.payload_type = codec.payload_type
         if telephone_event_pt != self.telephone_event_pt:
@@ -83,22 +86,23 @@ class RtpStream:
     def receive(self, packet: RtpPacket, now: float) -> DtmfDigit | None:
         """File one packet from the peer; returns a DTMF digit when a key press completes."""
         pt = packet.payload_type
-        if pt == self.codec.payload_type:
-            self.jitter.push(packet, now)
+        decoder = self._decoders.get(pt)
+        if decoder is not None:
+            if decoder is not self.codec:
+                self.counters.previous_codec += 1
+            decoded = self._decoded  # one reused holder: the jitter buffer keeps only the PCM
+            decoded.sequence = packet.sequence
+            decoded.timestamp = packet.timestamp
+            decoded.ssrc = packet.ssrc
+            decoded.marker = packet.marker
+            decoded.payload = decoder.decode(packet.payload)
+            self.jitter.push(decoded, now)
             return None
         if pt == self.telephone_event_pt:
             digit = self._dtmf_in.feed(packet, now)
             if digit is not None:
                 self.counters.dtmf_in += 1
             return digit
-        previous = self._previous.get(pt)
-        if previous is not None:
-            payload = self.codec.encode(previous.decode(packet.payload))
-            self.counters.transcoded += 1
-            self.jitter.push(
-                replace(packet, payload_type=self.codec.payload_type, payload=payload), now
-            )
-            return None
         self.counters.wrong_payload_type += 1
         return None
 
@@ -117,7 +121,7 @@ class RtpStream:
             if isinstance(item, Gap):
                 pending += bytes(item.samples * 2)
             else:
-                pending += self.codec.decode(item.payload)
+                pending += item.payload
         if len(pending) > _MAX_PENDING_BYTES:
             excess = len(pending) - _MAX_PENDING_BYTES
             excess -= excess % FRAME_BYTES
@@ -163,3 +167,20 @@ class RtpStream:
             )
         self.counters.frames_out += 1
         return self.sender.build(self.codec.encode(pcm), FRAME_SAMPLES, marker)
+
+
+def _pcm_samples(pcm: bytes) -> int:
+    return len(pcm) >> 1
+
+
+class _Decoded:
+    """A received packet with its payload decoded to PCM, as the jitter buffer reads it."""
+
+    __slots__ = ("marker", "payload", "sequence", "ssrc", "timestamp")
+
+    def __init__(self) -> None:
+        self.sequence = 0
+        self.timestamp = 0
+        self.ssrc = 0
+        self.marker = False
+        self.payload = b""

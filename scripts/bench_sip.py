@@ -78,6 +78,7 @@ port_max = {base + rtp_ports}
 [[routes]]
 match = "echo"
 action = "echo"
+record = false
 """,
             encoding="utf-8",
         )

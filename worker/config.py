@@ -137,7 +137,7 @@ class Settings(BaseSettings):
     rtp: RtpSettings = RtpSettings()
     trunks: dict[str, TrunkSettings] = Field(default_factory=dict)
     routes: list[RouteSettings] = Field(
-        default_factory=lambda: [RouteSettings(match="echo", action="echo")]
+        default_factory=lambda: [RouteSettings(match="echo", action="echo", record=False)]
     )
 
     @classmethod

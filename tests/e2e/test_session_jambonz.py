@@ -98,6 +98,11 @@ class TestJambonzSessionNewPayload:
         assert sip["headers"]["from"].startswith('"E2E Caller" <sip:+15550001000@')
         assert sip["headers"]["X-Customer-Id"] == "e2e-1"  # custom headers keep their case
         assert sip["raw"].startswith(f"INVITE sip:{CALLED}@")
+        # The INVITE exactly as SIPp sent it, and every header whole (defect 5).
+        (sent,) = result.sent("INVITE ")
+        assert sip["raw"].replace("\r", "").strip("\n") + "\n" == sent
+        assert sip["headers"]["allow"] == "INVITE, ACK, CANCEL, BYE, OPTIONS"
+        assert sip["headers"]["supported"] == "replaces, timer"
         assert "m=audio" in sip["body"]
         assert "PCMA/8000" in sip["body"]
         assert sip["payload"] == [{"type": "application/sdp", "content": sip["body"]}]

@@ -31,6 +31,7 @@ from tests.e2e.harness import (
 )
 from tests.sipp import free_port
 from worker.config import RouteSettings
+from worker.events import CallInterruptionEvent, EventLog
 
 pytestmark = [pytest.mark.sipp]
 
@@ -168,6 +169,11 @@ class TestTwilioMarkEcho:
         assert match.score > 0.99, match
         assert done.status == "completed"
         assert done.cause == "agent-finished"
+        # The clear is on record (defect 7): an interruption event, and the summary's counter.
+        cleared = EventLog(tmp_path / "data" / "events.jsonl").of_type(CallInterruptionEvent)
+        assert [(e.call_id, e.reason) for e in cleared] == [(done.call_sid, "agent-clear")]
+        assert 2000 <= cleared[0].cleared_ms <= 3000  # 3 s queued, ~0.3 s of it played
+        assert done.counters.agent_audio_cleared_ms == cleared[0].cleared_ms
 
 
 class TestTwilioAgentUnreachable:

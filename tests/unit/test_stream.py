@@ -96,3 +96,38 @@ class TestInboundRouting:
         stream = RtpStream(PCMU, 101)
         stream.receive(RtpPacket(payload_type=18, sequence=1, timestamp=0, ssrc=1, payload=b"x"), 0)
         assert stream.counters.wrong_payload_type == 1
+
+
+class TestRfc3264Section8_3_3CodecChange:
+    """Defect 11: a re-negotiation from PCMU to PCMA keeps the stream: packets still in PCMU
+    while the peer switches are played (transcoded), nothing is dropped, the counters go on,
+    and we send PCMA from then on with the same numbering."""
+
+    def test_old_payload_type_still_plays_after_the_switch(self) -> None:
+        stream = RtpStream(PCMU, 101, ssrc=7)
+        level = b"\x00\x10" * 80  # one frame at a constant 4096
+        heard: list[bytes] = []
+        first_out = RtpPacket.parse(stream.send_frame(level))
+        for seq in range(30):
+            now = seq * 0.02
+            if seq == 10:
+                stream.set_codec(PCMA, 101)
+            codec, pt = (PCMU, 0) if seq < 20 else (PCMA, 8)  # the peer switches at 20
+            stream.receive(RtpPacket(pt, seq, seq * 160, 99, codec.encode(level)), now)
+            frame = stream.pull_frame(now)
+            if frame is not None:
+                heard.append(frame)
+        for tick in range(30, 40):
+            frame = stream.pull_frame(tick * 0.02)
+            if frame is not None:
+                heard.append(frame)
+        assert stream.counters.wrong_payload_type == 0
+        assert stream.counters.previous_codec == 10
+        assert stream.jitter_stats.received == 30
+        assert stream.jitter_stats.lost == 0
+        levels = [int.from_bytes(f[:2], "little", signed=True) for f in heard]
+        assert sum(1 for v in levels if abs(v - 4096) < 200) == 30, levels
+        after = RtpPacket.parse(stream.send_frame(level))
+        assert after.payload_type == 8
+        assert after.sequence == (first_out.sequence + 1) & 0xFFFF
+        assert after.ssrc == first_out.ssrc

@@ -150,7 +150,7 @@ class UaCall:
     dialog: Dialog | None = None
     server_tid: str | None = None  # inbound INVITE's server transaction
     invite_tid: str | None = None  # outbound INVITE's client transaction
-    provisional: bool = False  # outbound: a 1xx (other than 100) came
+    provisional: bool = False  # outbound: a provisional response (100 included) came
     cancel_wanted: bool = False  # outbound: hung up before any provisional (§9.1)
     digest: DigestClient | None = None
     auth_retries: int = 0
@@ -1146,14 +1146,12 @@ class UserAgentCore:
     ) -> None:
         status = response.status
         if status < 200:
-            if status == 100:
-                return
-            call.provisional = True
+            call.provisional = True  # 100 Trying included (§9.1: any provisional response)
             if call.cancel_wanted:  # rule 3: the CANCEL we held back can go now
                 call.cancel_wanted = False
                 self._send_cancel(call, now)
                 return
-            if call.ended:
+            if call.ended or status == 100:
                 return
             if response.body and call.media is None and self._apply_answer(call, response.body):
                 self._progress(call, CallPhase.EARLY_MEDIA)

@@ -297,7 +297,7 @@ class SipLeg:
                 rtp_lost=jitter.lost,
                 rtp_late=jitter.late,
                 rtp_overflow=jitter.overflow_dropped,
-                rtp_transcoded=self.stream.counters.transcoded,
+                rtp_previous_codec=self.stream.counters.previous_codec,
                 concealed_ms=round(jitter.concealed_ms, 1),
                 jitter_ms=round(jitter.jitter_ms, 2),
             )
