@@ -1,5 +1,7 @@
 """RTP endpoints for call legs: a port allocator over the configured range and one asyncio
-datagram endpoint per leg with symmetric RTP (latch on the first valid source).
+datagram endpoint per leg with symmetric RTP (latch on the first valid source), with its RTCP
+socket on the next port (RFC 3550 §11) and RTCP multiplexed on the RTP port when negotiated
+(RFC 5761).
 
 The endpoint only moves bytes: it parses with ``media.rtp`` (counting, never raising), latches,
 and hands packets to the leg's callback with the loop's ``now``. Sending goes to the latched
@@ -15,7 +17,7 @@ import random
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Protocol, TypeVar, cast
 
 from media.rtp import RtpCounters, RtpPacket, parse_or_count
 from worker.errors import LocalError
@@ -24,9 +26,11 @@ Address = tuple[str, int]
 
 
 class PacketReceiver(Protocol):
-    """Who gets a leg's RTP: ``worker.sip.leg.SipLeg``."""
+    """Who gets a leg's RTP and RTCP: ``worker.sip.leg.SipLeg``."""
 
     def rtp_received(self, packet: RtpPacket, now: float) -> None: ...
+
+    def rtcp_received(self, data: bytes, now: float) -> None: ...
 
 
 class PortsExhaustedError(LocalError):
@@ -81,6 +85,32 @@ class EndpointCounters:
     send_errors: int = 0
     foreign_source: int = 0
     unattached: int = 0
+    rtcp_in: int = 0
+    rtcp_out: int = 0
+    rtcp_foreign: int = 0
+
+
+class _RtcpSocket(asyncio.DatagramProtocol):
+    """The RTCP port of one endpoint: hands datagrams to it, sends what it is given."""
+
+    def __init__(self, endpoint: RtpEndpoint) -> None:
+        self.endpoint = endpoint
+        self.transport: asyncio.DatagramTransport | None = None
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        self.endpoint.rtcp_datagram(data, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        self.endpoint.endpoint_counters.send_errors += 1
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.closed = True
+        self.endpoint.socket_lost()
 
 
 class RtpEndpoint(asyncio.DatagramProtocol):
@@ -98,9 +128,11 @@ class RtpEndpoint(asyncio.DatagramProtocol):
         self.endpoint_counters = EndpointCounters()
         self.last_received: float | None = None
         self.local: Address = ("", 0)
-        self.on_closed: Callable[[], None] | None = None  # once the socket is really closed
+        self.on_closed: Callable[[], None] | None = None  # once both sockets are really closed
         self.socket_closed = False
         self.pool_port: int | None = None  # the pool's port this endpoint holds, until released
+        self.rtcp: _RtcpSocket | None = None
+        self.rtcp_latched: Address | None = None
 
     # asyncio.DatagramProtocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -129,6 +161,9 @@ class RtpEndpoint(asyncio.DatagramProtocol):
         if latched is not None and (addr[1] != latched[1] or addr[0] != latched[0]):
             self.endpoint_counters.foreign_source += 1
             return
+        if len(data) > 1 and 192 <= data[1] <= 223:  # RTCP multiplexed on this port (RFC 5761)
+            self.rtcp_datagram(data, addr)
+            return
         packet = parse_or_count(data, self.counters)
         if packet is None:
             return
@@ -146,10 +181,27 @@ class RtpEndpoint(asyncio.DatagramProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        self.socket_lost()
+
+    def socket_lost(self) -> None:
+        """One of the sockets is closed; once both are, the port pair can be reused."""
+        if self._transport is not None or (self.rtcp is not None and not self.rtcp.closed):
+            return
         self.socket_closed = True
         if self.on_closed is not None:
             on_closed, self.on_closed = self.on_closed, None
             on_closed()
+
+    def rtcp_datagram(self, data: bytes, addr: Address) -> None:
+        """RTCP from the peer: only from the host its RTP comes from (or its SDP names)."""
+        expected = self.latched or self.remote
+        if expected is not None and addr[0] != expected[0]:
+            self.endpoint_counters.rtcp_foreign += 1
+            return
+        self.rtcp_latched = (addr[0], addr[1])
+        self.endpoint_counters.rtcp_in += 1
+        if self._receiver is not None:
+            self._receiver.rtcp_received(data, self._loop.time())
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable from a peer that went away: counted, the inactivity timer ends it.
@@ -167,10 +219,34 @@ class RtpEndpoint(asyncio.DatagramProtocol):
             return
         self.endpoint_counters.sent += 1
 
+    def send_rtcp(self, data: bytes, port: int, mux: bool) -> None:
+        """Send an RTCP compound packet: on the RTP socket to the RTP target when multiplexed,
+        else from the RTCP socket to where the peer's RTCP comes from (or its RTP host at
+        ``port``)."""
+        if mux:
+            target = self.latched or self.remote
+            sender = self._transport
+        else:
+            target = self.rtcp_latched
+            if target is None:
+                rtp = self.latched or self.remote
+                target = None if rtp is None else (rtp[0], port)
+            sender = self.rtcp.transport if self.rtcp is not None else None
+        if target is None or sender is None:
+            return
+        try:
+            sender.sendto(data, target)
+        except (OSError, ValueError, TypeError, OverflowError):
+            self.endpoint_counters.send_errors += 1
+            return
+        self.endpoint_counters.rtcp_out += 1
+
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+        if self.rtcp is not None and self.rtcp.transport is not None:
+            self.rtcp.transport.close()
 
     @property
     def closed(self) -> bool:
@@ -185,29 +261,41 @@ class RtpPortPool:
         self.allocator = PortAllocator(port_min, port_max)
 
     async def open(self) -> RtpEndpoint:
-        """Bind an endpoint on the next free port. The port is bound and taken before the first
-        await, so concurrent opens never race for the same candidate."""
+        """Bind an endpoint on the next free even port and its RTCP socket on the odd one
+        above. Both are bound and taken before the first await, so concurrent opens never race
+        for the same candidate."""
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         for port in self.allocator.candidates(limit=64):
-            sock = socket.socket(family, socket.SOCK_DGRAM)
+            rtp_sock = socket.socket(family, socket.SOCK_DGRAM)
+            rtcp_sock = socket.socket(family, socket.SOCK_DGRAM)
             try:
-                sock.setblocking(False)
-                sock.bind((self.host, port))
+                for sock, number in ((rtp_sock, port), (rtcp_sock, port + 1)):
+                    sock.setblocking(False)
+                    sock.bind((self.host, number))
             except OSError:
-                sock.close()
-                continue  # taken by another process: try the next one
+                rtp_sock.close()
+                rtcp_sock.close()
+                continue  # taken by another process: try the next pair
             self.allocator.take(port)
+            endpoint = RtpEndpoint(loop)
+            rtcp = _RtcpSocket(endpoint)
+            opened = False
             try:
-                _, protocol = await loop.create_datagram_endpoint(
-                    lambda: RtpEndpoint(loop), sock=sock
-                )
+                await loop.create_datagram_endpoint(_factory(endpoint), sock=rtp_sock)
+                opened = True
+                await loop.create_datagram_endpoint(_factory(rtcp), sock=rtcp_sock)
             except BaseException:
-                sock.close()
+                if opened:
+                    endpoint.close()
+                else:
+                    rtp_sock.close()
+                rtcp_sock.close()
                 self.allocator.release(port)
                 raise
-            protocol.pool_port = port
-            return protocol
+            endpoint.rtcp = rtcp
+            endpoint.pool_port = port
+            return endpoint
         raise PortsExhaustedError(f"no free RTP port on {self.host} in the configured range")
 
     def close(self, endpoint: RtpEndpoint) -> None:
@@ -222,3 +310,10 @@ class RtpPortPool:
             return
         endpoint.on_closed = lambda: self.allocator.release(port)
         endpoint.close()
+
+
+_P = TypeVar("_P", bound=asyncio.DatagramProtocol)
+
+
+def _factory(protocol: _P) -> Callable[[], _P]:
+    return lambda: protocol

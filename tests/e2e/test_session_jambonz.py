@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from media.g711 import ulaw_encode
 from tests.e2e.harness import (
+    SCENARIOS,
     FileServer,
     ScriptedAgent,
     agent_call,
@@ -27,12 +29,14 @@ from tests.e2e.harness import (
     envelope,
     final_statuses,
     live_session,
+    rms,
     running_worker,
     sipp_times,
     tone,
     wait_result,
     wav_bytes,
 )
+from tests.sipp import Sipp
 from worker.config import RouteSettings
 from worker.events import CallDoneEvent, CallStartedEvent, CallStatusEvent, EventLog
 
@@ -436,6 +440,64 @@ class TestJambonzDialVerb:
         match = best_match(heard, voice[4000:16000])  # 1.5 s of the caller, from 0.5 s in
         assert match.score > 0.9, match
         assert 0 < (match.lag - 4000) / 8 < 250  # ms: out to the far end and back
+
+
+def early_media_callee(workdir: Path) -> Sipp:
+    """A far end that sends 1.9 s of a 1 kHz tone as early media (183) before answering."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "tone.ulaw").write_bytes(ulaw_encode(tone(1000, 1.9)))
+    return Sipp(
+        workdir=workdir,
+        remote=None,
+        args=["-sf", str(SCENARIOS / "uas_early_media.xml"), "-m", "1"],
+        timeout_s=40,
+    )
+
+
+class TestJambonzDialEarlyMedia:
+    """Defect 2: the dialled side's early media (183 with SDP and RTP before the 200: ringback,
+    carrier announcements) reaches the caller, as jambonz bridges it; with ``answerOnBridge``
+    the unanswered caller first gets a 183 of their own."""
+
+    @pytest.mark.parametrize("answer_on_bridge", [False, True])
+    async def test_far_end_early_media_is_heard(
+        self, tmp_path: Path, answer_on_bridge: bool
+    ) -> None:
+        async with ScriptedAgent() as agent, early_media_callee(tmp_path / "uas") as uas:
+            await uas.ready()
+            trunks = {"far": {"host": "127.0.0.1", "port": uas.port, "codecs": ["PCMU"]}}
+            routes = [agent_route("*", agent.url("/app"))]
+            async with running_worker(tmp_path / "data", routes, trunks) as worker:
+                sipp = caller(tmp_path / "sipp", worker, "uac_talk_wait_bye", CALLED)
+                async with sipp:
+                    ctl = await agent.accept("/app")
+                    new = await ctl.next_type("session:new")
+                    dial = {
+                        "verb": "dial",
+                        "target": [{"type": "phone", "number": "+15550002000", "trunk": "far"}],
+                        "answerOnBridge": answer_on_bridge,
+                        "timeLimit": 1,
+                        "actionHook": "/dialed",
+                    }
+                    await ctl.ack(new, [dial])
+                    hook = await ctl.next_type("verb:hook", within=10)
+                    await ctl.ack(hook, [{"verb": "hangup"}])
+                    result = await sipp.wait()
+                assert_sipp_ok(result)
+                done = await wait_result(worker, new["call_sid"])
+            far = await uas.wait()
+        assert_sipp_ok(far)
+        assert hook["data"]["dial_call_status"] == "completed"
+        if answer_on_bridge:
+            progress = result.received("SIP/2.0 183")
+            assert len(progress) == 1
+            assert "m=audio" in progress[0]
+        assert done.recording is not None
+        _voice, heard = decode_mp3(done.recording)
+        # The first 1.5 s the caller heard (before the far end answered) are the tone.
+        early = heard[int(0.2 * 8000) : int(1.7 * 8000)]
+        assert rms(early) > 1000
+        assert abs(_peak_hz(early) - 1000) < 20
 
 
 class TestJambonzSipRequestCommand:

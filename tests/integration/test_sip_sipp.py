@@ -884,3 +884,54 @@ class TestRfc3550Section6LoadFiftyConcurrentCalls:
                 assert call.end.cause == "remote-bye"
                 assert_audio_arrived(call, self.SECONDS * 50)
             await worker.assert_released()
+
+
+class TestRfc3550Section6RtcpWithThePeer:
+    """Defect 9: the worker's RTCP port (RTP + 1) is open, it sends sender reports to the
+    peer's RTP port + 1 at the RFC 3550 interval, and what the peer reports about the worker's
+    stream ends up in the call's media figures."""
+
+    async def test_reports_both_ways(self, tmp_path: Path) -> None:
+        from media.rtcp import ReportBlock, build_report, parse_compound
+
+        loop = asyncio.get_running_loop()
+        reports: asyncio.Queue[bytes] = asyncio.Queue()
+
+        class PeerRtcp(asyncio.DatagramProtocol):
+            def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+                reports.put_nowait(data)
+
+        async with running(tmp_path) as worker:
+            caller = sipp(tmp_path, "sipp", worker.target, "-sn", "uac_pcap", "-s", "echo",
+                          "-m", "1", timeout_s=30)  # fmt: skip
+            peer, _ = await loop.create_datagram_endpoint(
+                PeerRtcp, local_addr=("127.0.0.1", caller.media_port + 1)
+            )
+            try:
+                async with caller:
+                    call = await worker.next_call()
+                    await asyncio.wait_for(call.answered, WAIT)
+                    first = await asyncio.wait_for(reports.get(), 5.0)  # within 3.75 s
+                    sr = parse_compound(first)[0]
+                    assert sr.sender is not None
+                    assert sr.sender.packets > 0
+                    lsr = (sr.sender.ntp >> 16) & 0xFFFFFFFF
+                    block = ReportBlock(sr.ssrc, 64, 7, 1000, 240, lsr, 0)
+                    rtcp_port = call.endpoint.local[1] + 1
+                    peer.sendto(
+                        build_report(0x5EED, None, (block,), "peer"), ("127.0.0.1", rtcp_port)
+                    )
+                    result = await caller.wait()
+                assert_ok(result)
+                await asyncio.wait_for(call.ended, WAIT)
+            finally:
+                peer.close()
+            quality = call.quality()
+            assert quality.rtcp_in == 1
+            assert quality.rtcp_out >= 2  # a report, and the BYE at the end
+            assert quality.peer_fraction_lost == 0.25
+            assert quality.peer_cumulative_lost == 7
+            assert quality.peer_jitter_ms == 30.0
+            assert quality.round_trip_ms is not None
+            assert 0 <= quality.round_trip_ms < 1000
+            await worker.assert_released()

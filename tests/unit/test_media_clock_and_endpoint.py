@@ -44,9 +44,13 @@ def rtp(seq: int) -> bytes:
 class Receiver:
     def __init__(self) -> None:
         self.got: list[RtpPacket] = []
+        self.rtcp: list[bytes] = []
 
     def rtp_received(self, packet: RtpPacket, now: float) -> None:
         self.got.append(packet)
+
+    def rtcp_received(self, data: bytes, now: float) -> None:
+        self.rtcp.append(data)
 
 
 class TestRtpEndpointLatch:

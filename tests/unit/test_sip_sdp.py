@@ -227,6 +227,7 @@ class TestRfc3264Section6Answer:
             ptime=20,
             direction=Direction.SENDRECV,
             remote_hold=False,
+            rtcp_port=6001,  # RFC 3550 §11: RTP port + 1 when the offer has no a=rtcp
         )
         (audio,) = answer.media
         assert audio.port == 30000

@@ -11,12 +11,14 @@ session's media tick calls ``pull_frame`` and ``send_frame``.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from media.dtmf import DtmfDigit
 from media.g711 import codec_for_name
+from media.rtcp import RtcpSession
 from media.rtp import RtpPacket
 from media.stream import FRAME_SAMPLES, RtpStream
 from worker.config import RtpSettings
@@ -83,12 +85,16 @@ class SipLeg:
         endpoint: RtpEndpoint,
         rtp: RtpSettings,
         now: float,
+        *,
+        ntp_offset: float = 0.0,
     ) -> None:
         self._control = control
+        self._ntp_offset = ntp_offset
         self.call = call
         self.endpoint = endpoint
         self._rtp = rtp
         self.stream: RtpStream | None = None
+        self.rtcp: RtcpSession | None = None
         self.stats = LegStats()
         self._observer: LegObserver | None = None
         self._pending: list[LegEvent] = []  # events before an observer attached
@@ -181,20 +187,31 @@ class SipLeg:
         if self.call.on_hold or self.endpoint.remote is None:
             stream.sender.skip(FRAME_SAMPLES)
             return
-        self.endpoint.send(stream.send_frame(pcm))
+        packet = stream.send_frame(pcm)
+        self.endpoint.send(packet)
+        if self.rtcp is not None:
+            self.rtcp.on_sent(len(packet) - 12)
 
     def quality(self) -> MediaQuality:
         endpoint = self.endpoint
+        counters = endpoint.endpoint_counters
         if self.stream is None:
             return MediaQuality(packets_in=endpoint.counters.received)
         jitter = self.stream.jitter_stats
+        peer = self.rtcp.peer if self.rtcp is not None else None
         return MediaQuality(
             packets_in=endpoint.counters.received,
-            packets_out=endpoint.endpoint_counters.sent,
+            packets_out=counters.sent,
             lost=jitter.lost,
             late=jitter.late,
             concealed_ms=round(jitter.concealed_ms, 1),
             jitter_ms=round(jitter.jitter_ms, 2),
+            peer_fraction_lost=peer.fraction_lost if peer is not None else None,
+            peer_cumulative_lost=peer.cumulative_lost if peer is not None else None,
+            peer_jitter_ms=peer.jitter_ms if peer is not None else None,
+            round_trip_ms=peer.round_trip_ms if peer is not None else None,
+            rtcp_in=counters.rtcp_in,
+            rtcp_out=counters.rtcp_out,
         )
 
     # -- what the user agent calls ----------------------------------------------------------------
@@ -214,6 +231,11 @@ class SipLeg:
                 media.telephone_event_pt,
                 jitter_min_ms=self._rtp.jitter_min_ms,
                 jitter_max_ms=self._rtp.jitter_max_ms,
+            )
+            self.rtcp = RtcpSession(
+                self.stream.sender.ssrc,
+                f"aispinner-{secrets.token_hex(6)}",
+                ntp_offset=self._ntp_offset,
             )
             return
         changed = codec is not stream.codec or held_before != self._held
@@ -243,9 +265,25 @@ class SipLeg:
         stream = self.stream
         if stream is None:
             return
+        rtcp = self.rtcp
+        if rtcp is not None:
+            rtcp.on_rtp(packet.ssrc, packet.sequence, packet.timestamp, now)
         digit = stream.receive(packet, now)
         if digit is not None:
             self._dtmf(digit, "rfc4733")
+
+    def rtcp_received(self, data: bytes, now: float) -> None:
+        if self.rtcp is not None:
+            self.rtcp.receive(data, now)
+
+    def rtcp_tick(self, now: float) -> None:
+        """Send an RTCP report when one is due (the user agent asks about once a second)."""
+        rtcp, stream, media = self.rtcp, self.stream, self.call.media
+        if rtcp is None or stream is None or media is None or self.end is not None:
+            return
+        if rtcp.due(now):
+            report = rtcp.report(now, stream.sender.next_timestamp)
+            self.endpoint.send_rtcp(report, media.rtcp_port, media.rtcp_mux)
 
     def inactive_for(self, now: float) -> float:
         """Seconds since the peer last sent RTP (or since the answer, or the end of a hold);
@@ -263,6 +301,9 @@ class SipLeg:
         if self.end is not None:
             return
         leg_end = LegEnd(end.cause, end.sip_status, end.sip_reason)
+        media = self.call.media
+        if self.rtcp is not None and media is not None:  # RFC 3550 §6.6: say goodbye
+            self.endpoint.send_rtcp(self.rtcp.bye(), media.rtcp_port, media.rtcp_mux)
         self.end = leg_end
         self.ended_at = now
         if not self.answered.done():
@@ -285,6 +326,8 @@ class SipLeg:
             "rtp_out": self.endpoint.endpoint_counters.sent,
             "rtp_malformed": self.endpoint.counters.malformed,
             "rtp_foreign": self.endpoint.endpoint_counters.foreign_source,
+            "rtcp_in": self.endpoint.endpoint_counters.rtcp_in,
+            "rtcp_out": self.endpoint.endpoint_counters.rtcp_out,
             "dtmf": "".join(self.stats.dtmf_received),
         }
         answered = self.answered_at
@@ -300,6 +343,14 @@ class SipLeg:
                 rtp_previous_codec=self.stream.counters.previous_codec,
                 concealed_ms=round(jitter.concealed_ms, 1),
                 jitter_ms=round(jitter.jitter_ms, 2),
+            )
+        peer = self.rtcp.peer if self.rtcp is not None else None
+        if peer is not None:
+            out.update(
+                peer_fraction_lost=peer.fraction_lost,
+                peer_cumulative_lost=peer.cumulative_lost,
+                peer_jitter_ms=peer.jitter_ms,
+                round_trip_ms=peer.round_trip_ms,
             )
         return out
 

@@ -390,6 +390,22 @@ class NegotiatedMedia:
     ptime: int
     direction: Direction
     remote_hold: bool
+    rtcp_port: int = 0
+    """Where the peer takes RTCP: its ``a=rtcp`` port (RFC 3605), else the RTP port + 1; with
+    ``rtcp_mux`` the RTP port itself (RFC 5761)."""
+    rtcp_mux: bool = False
+
+
+def _rtcp_of(media: MediaDescription, mux: bool) -> int:
+    """The peer's RTCP port for ``media`` (RFC 3605 ``a=rtcp``, RFC 5761 mux, else port + 1)."""
+    if mux:
+        return media.port
+    value = media.attribute("rtcp")
+    if value:
+        first = value.split()[0]
+        if first.isdigit() and 0 < int(first) < 65536:
+            return int(first)
+    return media.port + 1
 
 
 def _codec_names(codecs: Iterable[str]) -> list[str]:
@@ -533,15 +549,16 @@ def negotiate(
             event_spec = None
             if event is not None:
                 event_spec = (event.payload_type, offered.fmtp(event.payload_type) or "0-15")
-            sections.append(
-                _audio_section(
-                    port,
-                    [(codec.payload_type, codec.encoding, codec.clock_rate)],
-                    event_spec,
-                    ptime,
-                    ours,
-                )
+            section = _audio_section(
+                port,
+                [(codec.payload_type, codec.encoding, codec.clock_rate)],
+                event_spec,
+                ptime,
+                ours,
             )
+            if offered.has_attribute("rtcp-mux"):  # RFC 5761 §5.1.1: accept the offer of mux
+                section.attributes.append(("rtcp-mux", None))
+            sections.append(section)
         else:
             sections.append(
                 MediaDescription(media.media, 0, media.proto, list(media.formats) or ["0"])
@@ -561,6 +578,8 @@ def negotiate(
         ptime=offered.ptime or ptime,
         direction=ours,
         remote_hold=remote_hold,
+        rtcp_port=_rtcp_of(offered, offered.has_attribute("rtcp-mux")),
+        rtcp_mux=offered.has_attribute("rtcp-mux"),
     )
     return answer, negotiated
 
@@ -594,6 +613,7 @@ def process_answer(offer: SessionDescription, answer: SessionDescription) -> Neg
         if host in _HOLD_ADDRESSES:
             direction = direction & Direction.RECVONLY
         offered_event = any(m.encoding.lower() == TELEPHONE_EVENT for m in ours.rtpmaps().values())
+        mux = ours.has_attribute("rtcp-mux") and theirs.has_attribute("rtcp-mux")
         return NegotiatedMedia(
             remote_address=host,
             remote_port=theirs.port,
@@ -604,6 +624,8 @@ def process_answer(offer: SessionDescription, answer: SessionDescription) -> Neg
             ptime=theirs.ptime or ours.ptime or DEFAULT_PTIME,
             direction=direction,
             remote_hold=not their_dir.receives or host in _HOLD_ADDRESSES,
+            rtcp_port=_rtcp_of(theirs, mux),
+            rtcp_mux=mux,
         )
     raise LocalError("our offer has no audio stream")
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from worker.config import Settings
 from worker.errors import ConfigError
 from worker.legs import Address
-from worker.rtp import PortsExhaustedError, RtpPortPool
+from worker.rtp import PortsExhaustedError, RtpEndpoint, RtpPortPool
 from worker.sip.core import (
     CallEnded,
     CallProgress,
@@ -210,8 +211,8 @@ class UserAgent:
         elif isinstance(event, CallEnded):
             leg = self.legs.pop(event.call, None)
             if leg is not None:
-                self.rtp.close(leg.endpoint)
                 leg.finish(event.end, now)
+                self.rtp.close(leg.endpoint)
         elif isinstance(event, IncomingCall):
             self.spawn(self._setup_inbound(event.call))
         elif isinstance(event, ResolveHost):
@@ -246,9 +247,7 @@ class UserAgent:
         if not self.core.media_opened(call, endpoint.local[1], self.now):
             self.rtp.close(endpoint)  # CANCELled while the port was being opened
             return
-        leg = SipLeg(self, call, endpoint, self.settings.rtp, self.now)
-        endpoint.attach(leg)
-        self.legs[call] = leg
+        leg = self._new_leg(call, endpoint)
         if self.on_incoming is None:
             self.hangup_call(call, "no-handler", 480, None)
             return
@@ -259,11 +258,13 @@ class UserAgent:
             self.hangup_call(call, "handler-error", 500, None)
 
     def _sweep_inactive(self) -> None:
-        """Once a second, whatever the media ticks do: end calls whose peer stopped sending."""
+        """Once a second, whatever the media ticks do: RTCP reports that are due, and the end
+        of calls whose peer stopped sending."""
         assert self._loop is not None
         now = self.now
         limit = self.settings.rtp.inactivity_timeout_s
         for call, leg in list(self.legs.items()):
+            leg.rtcp_tick(now)
             silent = leg.inactive_for(now)
             if silent > limit:
                 leg.log.warning("no RTP from the peer", extra={"seconds": round(silent, 1)})
@@ -327,10 +328,16 @@ class UserAgent:
             headers=headers or (),
             ring_timeout_s=ring_timeout_s,
         )
-        leg = SipLeg(self, call, endpoint, self.settings.rtp, self.now)
+        leg = self._new_leg(call, endpoint)
+        self._pump()
+        return leg
+
+    def _new_leg(self, call: UaCall, endpoint: RtpEndpoint) -> SipLeg:
+        leg = SipLeg(
+            self, call, endpoint, self.settings.rtp, self.now, ntp_offset=time.time() - self.now
+        )
         endpoint.attach(leg)
         self.legs[call] = leg
-        self._pump()
         return leg
 
 
