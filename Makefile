@@ -2,13 +2,19 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
+COVERAGE := --cov=media --cov=worker --cov-branch --cov-report=
+# The coverage bar (per package: media, worker/sip, worker/agent, worker/session) applies when
+# the whole suite ran; a narrowed run (PYTEST_ARGS) only prints the figures.
+COVERAGE_BAR := $(if $(PYTEST_ARGS),,--fail-under 90)
+
 .PHONY: setup test lint demo bench clean
 
 setup:
 	@./scripts/setup.sh
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(COVERAGE) $(PYTEST_ARGS)
+	$(PY) scripts/coverage_report.py $(COVERAGE_BAR)
 
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -24,4 +30,4 @@ bench: setup
 	$(PY) scripts/bench_sip.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info .coverage

@@ -142,6 +142,12 @@ async def run(args: argparse.Namespace) -> int:
     print("demo: " + ("every call behaved" if ok else "SOME CALLS FAILED"))
     if ok and not args.keep and args.data_dir is None:
         shutil.rmtree(data_dir, ignore_errors=True)
+        print(
+            "demo: the recordings and events above were in a temporary folder, now removed; "
+            'keep them with DEMO_ARGS="--keep" (or --data-dir DIR)'
+        )
+    else:
+        print(f"demo: recordings and events kept in {data_dir}")
     return 0 if ok else 1
 
 

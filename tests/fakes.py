@@ -5,14 +5,14 @@ what the session asks of it, a synthesizer, a prompt fetcher and a jambonz contr
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from worker.agent.connection import AckOutcome
+from worker.agent.connection import AckOutcome, AgentConnectError
 from worker.agent.jambonz import AckReceived
-from worker.agent.verbs import Hook, hook_url
+from worker.agent.verbs import Hook, Verb, hook_url
 from worker.config import RouteSettings, Settings, load_settings
 from worker.events import models as ev
 from worker.legs import (
@@ -177,17 +177,34 @@ class FakeSynth:
 class FakeControl:
     """The jambonz control socket as the driver uses it: hooks are acked empty at once."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        verbs: Sequence[Verb] = (),
+        *,
+        ack: AckOutcome | None = None,
+        refuse: bool = False,
+    ) -> None:
         self.hooks: list[tuple[str, dict[str, Any]]] = []
+        self.hook_verbs: deque[tuple[Verb, ...]] = deque()
+        """Verbs to return in the acks of the next hooks (one tuple per hook)."""
         self.errors: list[tuple[str, str]] = []
         self.statuses: list[tuple[str, float | None]] = []
+        self.verb_events: list[tuple[str, str]] = []
+        self.session_new_data: dict[str, Any] | None = None
         self.notify_events = False
+        self.closed = False
+        self._ack = ack or AckReceived(
+            msgid="s", for_type="session:new", verbs=tuple(verbs), request_msgid="s"
+        )
+        self._refuse = refuse
 
     async def connect(self) -> None:
-        return None
+        if self._refuse:
+            raise AgentConnectError("ws://agent.test", "refused", "connection refused")
 
     async def session_new(self, data: Mapping[str, Any]) -> AckOutcome:
-        raise AssertionError("not used by these tests")
+        self.session_new_data = dict(data)
+        return self._ack
 
     async def verb_hook(
         self,
@@ -197,13 +214,15 @@ class FakeControl:
         verb_id: str | None = None,
     ) -> AckOutcome:
         self.hooks.append((hook_url(hook), dict(results or {})))
-        return AckReceived(msgid="m", for_type="verb:hook", verbs=None, request_msgid="m")
+        verbs = self.hook_verbs.popleft() if self.hook_verbs else None
+        return AckReceived(msgid="m", for_type="verb:hook", verbs=verbs, request_msgid="m")
 
     def call_status(self, call_info: Mapping[str, Any], duration: float | None = None) -> object:
         self.statuses.append((call_info["call_status"], duration))
         return None
 
     def verb_status(self, event: str, *, verb: str, verb_id: str | None = None) -> object:
+        self.verb_events.append((event, verb))
         return None
 
     def verb_error(self, error: str, *, verb: str, verb_id: str | None = None) -> object:
@@ -211,10 +230,10 @@ class FakeControl:
         return None
 
     def counters(self) -> tuple[int, int, int]:
-        return 0, 0, 0
+        return 1, 2, 3
 
     async def close(self) -> None:
-        return None
+        self.closed = True
 
 
 @dataclass
@@ -248,6 +267,7 @@ def make_harness(
     answered: bool = True,
     route: RouteSettings | None = None,
     leg: FakeLeg | None = None,
+    control: FakeControl | None = None,
 ) -> Harness:
     clock = ManualClock()
     leg = leg or FakeLeg(clock=clock)
@@ -265,7 +285,7 @@ def make_harness(
     )
     route = route or RouteSettings(match="*", agent_url="ws://x", record=False, trunk="t")
     session = CallSession(leg, route, services)
-    control = FakeControl()
+    control = control or FakeControl()
     driver = JambonzDriver(session, VERB_HANDLERS, handle_command, control=control)
     session.driver = driver
     if answered:

@@ -109,7 +109,6 @@ class RouteSettings(_Section):
     trunk: str | None = None
     agent_url: str | None = None
     protocol: Literal["jambonz", "twilio"] = "jambonz"
-    sample_rate: Literal[8000, 16000, 24000, 48000] = 8000
     username: str | None = None
     password: str | None = None
     record: bool = True

@@ -1,8 +1,8 @@
 """Logging: structured JSON in production, readable lines in a terminal, one logger per call.
 
 ``setup_logging`` configures the root once. ``call_logger(call_id)`` returns a ``CallLogger`` that
-stamps every record with the call id; it caches ``debug`` (like python-websockets) so the 20 ms
-media path can skip logging without formatting anything: ``if log.debug: log.log_debug(...)``.
+stamps every record with the call id. The 20 ms media path does not log at all: what happens
+there is counted, and the counters are logged once, when the call ends.
 """
 
 from __future__ import annotations
@@ -75,12 +75,11 @@ def setup_logging(
 
 
 class CallLogger(logging.LoggerAdapter[logging.Logger]):
-    """A logger bound to one call; ``debug_enabled`` is cached: check it before hot-path logs."""
+    """A logger bound to one call: every record carries its ``call_id``."""
 
     def __init__(self, logger: logging.Logger, call_id: str) -> None:
         super().__init__(logger, {"call_id": call_id})
         self.call_id = call_id
-        self.debug_enabled = logger.isEnabledFor(logging.DEBUG)
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
         extra = kwargs.get("extra")

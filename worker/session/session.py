@@ -79,7 +79,7 @@ class PromptSource(Protocol):
 
 
 class PlaceCall(Protocol):
-    """Places an outbound call through a trunk (``worker.sip.ua.UserAgent.place_call``)."""
+    """Places an outbound call through a trunk (the SIP user agent's ``place_call``)."""
 
     def __call__(
         self,
@@ -235,14 +235,12 @@ class CallSession:
         if isinstance(event, LegDtmf):
             self._on_dtmf(event.digit, event.duration_ms, event.method)
         elif isinstance(event, LegRinging):
-            self.set_sip_status(180)
-            self.feed(Event.RING)
+            self.feed(Event.RING, 180)
         elif isinstance(event, LegEarlyMedia | LegAnswered):
             self.pipeline.use_inband_dtmf(not event.telephone_event)
             self._start_media()
             early = isinstance(event, LegEarlyMedia)
-            self.set_sip_status(183 if early else 200)
-            self.feed(Event.EARLY_MEDIA if early else Event.ANSWER)
+            self.feed(Event.EARLY_MEDIA if early else Event.ANSWER, 183 if early else 200)
             if not early:
                 self._connected.set()
         elif isinstance(event, LegMediaChanged):
@@ -253,11 +251,16 @@ class CallSession:
             if not self._ended.done():
                 self._ended.set_result(event.end)
 
-    def feed(self, event: Event) -> StatusChange | None:
-        """Feed the status table; a change is logged, published and told to the driver."""
+    def feed(
+        self, event: Event, sip_status: int | None = None, reason: str | None = None
+    ) -> StatusChange | None:
+        """Feed the status table; a change (with its ``sip_status``, when given) is logged,
+        published and told to the driver. An event the table ignores changes nothing."""
         change = self.status.feed(event, self.clock.now())
         if change is None:
             return None
+        if sip_status is not None:
+            self.set_sip_status(sip_status, reason)
         self.log.info("call status", extra={"status": str(change.new)})
         self.services.publish(
             ev.CallStatusEvent(
@@ -276,8 +279,7 @@ class CallSession:
         """The call cannot go on before it was answered: ``failed`` with the status the caller
         is about to get (an answered call keeps its status; its hangup completes it)."""
         if self.status.answered_at is None:
-            self.set_sip_status(status)
-            self.feed(Event.FAIL)
+            self.feed(Event.FAIL, status)
 
     # -- the media tick ------------------------------------------------------------------------
     def _start_media(self) -> None:
@@ -488,9 +490,9 @@ class CallSession:
         if self.status.status is CallStatus.IN_PROGRESS:
             self.feed(Event.HANGUP)
         elif not self.status.status.terminal:
-            if end.sip_status is not None:  # the final response the caller got (487, ...)
-                self.set_sip_status(end.sip_status, end.sip_reason)
-            self.feed(_END_CAUSE_TO_EVENT.get(end.cause, event_for_status(end.sip_status)))
+            event = _END_CAUSE_TO_EVENT.get(end.cause, event_for_status(end.sip_status))
+            # The final response the caller got (487, ...), when there was one.
+            self.feed(event, end.sip_status, end.sip_reason)
         await self._finish()
         duration = self.status.duration(self.clock.now())
         recording = self._recording()

@@ -47,7 +47,7 @@ class TwilioDriver:
         route = session.route
         stream = tw.stream_for_call(session.call_sid, route.custom_parameters)
         connection = TwilioConnection(
-            route.agent_url or "", stream, on_event=self._on_event, logger=self.log
+            route.agent_url or "", stream, on_event=self.on_agent_event, logger=self.log
         )
         session.ring()
         try:
@@ -70,7 +70,7 @@ class TwilioDriver:
         if self.connection is not None:
             self.connection.send_media(ulaw_encode(pcm))
 
-    def _on_event(self, event: TwilioConnectionEvent) -> None:
+    def on_agent_event(self, event: TwilioConnectionEvent) -> None:
         pipeline = self.session.pipeline
         if isinstance(event, tw.MediaReceived):
             pipeline.agent_audio(ulaw_decode(event.ulaw), SAMPLE_RATE)

@@ -34,8 +34,7 @@ async def decline(driver: JambonzDriver, verb: SipDeclineVerb) -> None:
     if session.answered:
         driver.verb_error("sip:decline on an answered call", verb)
         return
-    session.set_sip_status(verb.status, verb.reason)
-    session.feed(event_for_status(verb.status))
+    session.feed(event_for_status(verb.status), verb.status, verb.reason)
     session.hangup("declined", verb.status, verb.reason)
 
 

@@ -16,6 +16,7 @@ from worker.agent.jambonz import (
     SipRequestCommand,
 )
 from worker.session.jambonz_driver import JambonzDriver
+from worker.session.verbs.calls import send_digits
 
 
 def handle_command(driver: JambonzDriver, command: Command) -> None:
@@ -37,8 +38,8 @@ def handle_command(driver: JambonzDriver, command: Command) -> None:
             pipeline.sink.paused = command.status == "pause"
     elif isinstance(command, MuteStatusCommand):
         pipeline.muted = command.mute
-    elif isinstance(command, DtmfCommand):
-        session.leg.send_dtmf(command.digit, command.duration)
+    elif isinstance(command, DtmfCommand):  # one or more keys, paced like the dtmf verb
+        session.spawn(send_digits(driver, command.digit, command.duration))
     elif isinstance(command, SipRequestCommand):
         sent = session.leg.send_request(
             command.method, command.content_type, command.content, command.headers

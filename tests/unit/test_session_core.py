@@ -1,0 +1,294 @@
+"""``CallSession``'s core without sockets: the leg's events feed the status table, the media
+tick runs in its documented order (barge-in silences the very tick that heard the caller), a
+``dial`` bridge carries audio both ways, recordings exist only with media, and ``run`` ends a
+call with the right status and result whatever the driver does."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.fakes import FakeLeg, make_harness
+from worker.config import RouteSettings
+from worker.events import models as ev
+from worker.legs import (
+    FRAME_BYTES,
+    LegAnswered,
+    LegDtmf,
+    LegEarlyMedia,
+    LegEnd,
+    LegMediaChanged,
+    LegRinging,
+)
+from worker.session.echo_driver import EchoDriver
+from worker.session.session import AgentCounters, MarkEvent
+from worker.session.status import CallStatus, StatusChange
+
+SILENCE = bytes(FRAME_BYTES)
+
+
+def loud(frames: int, seed: int = 3) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    t = np.arange(frames * 160) / 8000
+    voice = 9000 * np.sin(2 * np.pi * 220 * t) * (1 + 0.3 * rng.standard_normal(t.size))
+    pcm = np.clip(voice, -30000, 30000).astype("<i2").tobytes()
+    return [pcm[i : i + FRAME_BYTES] for i in range(0, len(pcm), FRAME_BYTES)]
+
+
+class ScriptedDriver:
+    """An ``AgentDriver`` that records what the session tells it and runs ``script``."""
+
+    def __init__(self, script: object = None, fail: bool = False) -> None:
+        self.statuses: list[str] = []
+        self.digits: list[str] = []
+        self.marks: list[tuple[tuple[str, ...], MarkEvent]] = []
+        self.closed = 0
+        self.script = script
+        self.fail = fail
+        self.done = asyncio.Event()
+
+    @property
+    def failure(self) -> str | None:
+        return "scripted" if self.fail else None
+
+    async def run(self) -> None:
+        if self.fail:
+            raise RuntimeError("the driver broke")
+        await self.done.wait()
+
+    def on_status(self, change: StatusChange) -> None:
+        self.statuses.append(change.new.value)
+
+    def on_dtmf(self, digit: str, duration_ms: int) -> None:
+        self.digits.append(digit)
+
+    def on_marks(self, names: Sequence[str], event: MarkEvent) -> None:
+        self.marks.append((tuple(names), event))
+
+    def counters(self) -> AgentCounters:
+        return AgentCounters(reconnects=2)
+
+    async def close(self) -> None:
+        self.closed += 1
+
+
+class TestStatusFromLegEvents:
+    """jambonz call statuses come only from the leg's events through the status table."""
+
+    async def test_ring_early_media_answer_hangup(self, tmp_path: Path) -> None:
+        h = make_harness(tmp_path, answered=False)
+        driver = ScriptedDriver()
+        h.session.driver = driver
+        h.leg.emit(LegRinging())
+        h.leg.emit(LegEarlyMedia("PCMU", True))
+        h.leg.emit(LegMediaChanged("PCMA", on_hold=True))
+        h.leg.emit(LegAnswered("PCMA", True))
+        h.leg.emit(LegRinging())  # late: ignored by the table
+        assert driver.statuses == ["ringing", "early-media", "in-progress"]
+        assert h.session.sip_status == 200
+        statuses = [e.status for e in h.events if isinstance(e, ev.CallStatusEvent)]
+        assert statuses == ["ringing", "early-media", "in-progress"]
+        assert h.session.status.ignored == 1
+
+    async def test_dtmf_fans_out(self, tmp_path: Path) -> None:
+        h = make_harness(tmp_path)
+        driver = ScriptedDriver()
+        h.session.driver = driver
+        heard: list[str] = []
+        with h.session.dtmf_listener(heard.append):
+            h.leg.emit(LegDtmf("7", 120, "sip-info"))
+        h.leg.emit(LegDtmf("8", 120, "rfc4733"))
+        assert heard == ["7"]
+        assert driver.digits == ["7", "8"]
+        assert h.session.digits == ["7", "8"]
+        dtmf = [(e.digit, e.method) for e in h.events if isinstance(e, ev.CallDtmfEvent)]
+        assert dtmf == [("7", "sip-info"), ("8", "rfc4733")]
+
+
+class TestTheTick:
+    async def test_barge_in_silences_the_tick_that_heard_the_caller(self, tmp_path: Path) -> None:
+        route = RouteSettings(match="*", agent_url="ws://x", record=False, barge_in=True)
+        h = make_harness(tmp_path, route=route)
+        driver = ScriptedDriver()
+        h.session.driver = driver
+        prompt = (b"\x00\x20" * 80) * 100  # 1 s of a constant level
+        h.session.pipeline.agent_audio(prompt, 8000)
+        h.session.pipeline.mark("end")
+        h.leg.incoming.extend([SILENCE] * 10 + loud(30))
+        interrupted_at: int | None = None
+        for tick in range(40):
+            h.session.tick(h.clock.now())
+            if interrupted_at is None and any(
+                isinstance(e, ev.CallInterruptionEvent) for e in h.events
+            ):
+                interrupted_at = tick
+            await h.clock.advance(0.02)
+        assert interrupted_at is not None
+        sent = h.leg.frames_sent
+        assert all(frame != SILENCE for frame in sent[:interrupted_at])
+        assert sent[interrupted_at] == SILENCE  # the same tick, not the next one
+        assert driver.marks == [(("end",), "cleared")]
+        (event,) = [e for e in h.events if isinstance(e, ev.CallInterruptionEvent)]
+        assert event.reason == "barge-in"
+        assert 0 < event.cleared_ms < 1000 - 10 * 20  # what was left after 10 quiet ticks
+
+    async def test_agent_clear_is_an_interruption(self, tmp_path: Path) -> None:
+        h = make_harness(tmp_path)
+        driver = ScriptedDriver()
+        h.session.driver = driver
+        h.session.pipeline.agent_audio(b"\x00\x10" * 8000, 8000)  # 1 s
+        h.session.pipeline.mark("m")
+        h.session.clear_agent_audio()
+        (event,) = [e for e in h.events if isinstance(e, ev.CallInterruptionEvent)]
+        assert (event.reason, round(event.cleared_ms)) == ("agent-clear", 1000)
+        assert driver.marks == [(("m",), "cleared")]
+        assert h.session.counters().agent_audio_cleared_ms == 1000
+
+    async def test_dial_bridge_carries_audio_both_ways(self, tmp_path: Path) -> None:
+        h = make_harness(tmp_path)
+        far = FakeLeg(direction="outbound")
+        far.attach(h.session)  # not used: a bridge's leg has its own observer; keep it quiet
+        far.observer = None
+        h.session.bridge_to(far)
+        caller_frame = b"\x01\x00" * 160
+        far_frame = b"\x02\x00" * 160
+        h.leg.incoming.append(caller_frame)
+        far.incoming.append(far_frame)
+        h.session.tick(h.clock.now())
+        assert far.frames_sent == [caller_frame]
+        assert h.leg.frames_sent == [far_frame]  # no queueing delay through the playout
+        h.session.bridge_to(None)
+        h.session.tick(h.clock.now())
+        assert len(far.frames_sent) == 1
+
+
+class TestRecordingOnlyWithMedia:
+    async def test_recording_starts_with_media(self, tmp_path: Path) -> None:
+        route = RouteSettings(match="*", action="echo", record=True)
+        h = make_harness(tmp_path, route=route, answered=False)
+        assert not (tmp_path / "recordings").exists()
+        h.leg.answer()
+        path = h.session.recording_path
+        assert path is not None
+        h.leg.incoming.extend(loud(50))
+        await h.run_ticks(50)
+        h.session.driver = EchoDriver(h.session)
+        await h.session._finish()
+        assert h.session._recording() == str(path)
+        assert path.stat().st_size > 0
+
+    async def test_an_empty_recording_is_removed(self, tmp_path: Path) -> None:
+        route = RouteSettings(match="*", action="echo", record=True)
+        h = make_harness(tmp_path, route=route)
+        path = h.session.recording_path
+        assert path is not None
+        path.write_bytes(b"")
+        assert h.session._recording() is None
+        assert not path.exists()
+
+
+class TestRunEndsTheCall:
+    async def test_remote_hangup_completes(self, tmp_path: Path) -> None:
+        h = make_harness(tmp_path)
+        driver = ScriptedDriver()
+        run = asyncio.ensure_future(h.session.run(driver))
+        await h.clock.advance(3.0)
+        h.leg.end(LegEnd("remote-bye"))
+        result = await asyncio.wait_for(run, 2)
+        assert (result.status, result.cause, result.duration_sec) == ("completed", "remote-bye", 3)
+        assert driver.statuses == ["completed"]
+        assert driver.closed == 1
+        assert result.counters.reconnects == 2
+        (done,) = [e for e in h.events if isinstance(e, ev.CallDoneEvent)]
+        assert done.status == "completed"
+        assert done.media is not None
+
+    async def test_driver_failure_hangs_up(self, tmp_path: Path) -> None:
+        h = make_harness(tmp_path, answered=False)
+        result = await asyncio.wait_for(h.session.run(ScriptedDriver(fail=True)), 2)
+        assert h.leg.hangups == ["agent-failed"]
+        assert result.status == "no-answer"  # 480 to the caller
+        assert result.reason == "scripted"
+
+    async def test_driver_done_hangs_up_an_answered_call(self, tmp_path: Path) -> None:
+        h = make_harness(tmp_path)
+        driver = ScriptedDriver()
+        driver.done.set()
+        result = await asyncio.wait_for(h.session.run(driver), 2)
+        assert h.leg.hangups == ["agent-finished"]
+        assert result.status == "completed"
+
+    @pytest.mark.parametrize(
+        ("cause", "status", "expected"),
+        [("busy", 486, "busy"), ("no-answer", None, "no-answer"), ("rejected", 403, "failed")],
+    )
+    async def test_outbound_unanswered_never_meets_the_agent(
+        self, tmp_path: Path, cause: str, status: int | None, expected: str
+    ) -> None:
+        leg = FakeLeg(direction="outbound")
+        h = make_harness(tmp_path, answered=False, leg=leg)
+        driver = ScriptedDriver(fail=True)  # would fail if it ran
+        run = asyncio.ensure_future(h.session.run(driver))
+        await h.clock.settle()
+        leg.end(LegEnd(cause, status))
+        result = await asyncio.wait_for(run, 2)
+        assert result.status == expected
+        assert result.reason == "scripted"  # the driver's own field, though it never ran
+        assert h.leg.hangups == []
+
+    async def test_outbound_answered_runs_the_driver(self, tmp_path: Path) -> None:
+        leg = FakeLeg(direction="outbound")
+        h = make_harness(tmp_path, answered=False, leg=leg)
+        driver = ScriptedDriver()
+        run = asyncio.ensure_future(h.session.run(driver))
+        await h.clock.settle()
+        leg.far_end_answers()
+        await h.clock.settle()
+        driver.done.set()
+        result = await asyncio.wait_for(run, 2)
+        assert result.status == "completed"
+
+    async def test_tasks_end_with_the_call(self, tmp_path: Path) -> None:
+        h = make_harness(tmp_path)
+        forever = h.session.spawn(asyncio.sleep(3600))
+
+        async def broken() -> None:
+            raise ValueError("a call task failed")
+
+        h.session.spawn(broken())
+        await h.clock.settle()
+        h.session.driver = ScriptedDriver()
+        await h.session._finish()
+        assert forever.cancelled()
+        assert h.session.status.status is CallStatus.IN_PROGRESS
+
+
+class TestTwilioDriverEvents:
+    """What a Media Streams agent sends, as the driver hands it to the session."""
+
+    async def test_media_marks_clear_and_bad_messages(self, tmp_path: Path) -> None:
+        from media.g711 import ulaw_encode
+        from worker.agent import twilio as tw
+        from worker.agent.connection import TwilioClosed
+        from worker.session.twilio_driver import TwilioDriver
+
+        h = make_harness(tmp_path)
+        driver = TwilioDriver(h.session)
+        h.session.driver = driver
+        driver.on_agent_event(tw.MediaReceived(ulaw_encode(b"\x00\x10" * 800)))
+        driver.on_agent_event(tw.MarkRequested("m1"))
+        driver.on_agent_event(tw.MarkRequested("x" * 300))  # too long a name
+        driver.on_agent_event(tw.InvalidTwilioMessage("bad json", "{"))
+        assert h.session.pipeline.playout.queued_ms == 100
+        driver.on_agent_event(tw.Clear())
+        assert h.session.pipeline.playout.queued_ms == 0
+        assert driver.counters().invalid_agent_messages == 2
+        driver.on_agent_event(TwilioClosed(1000, ""))
+        await asyncio.wait_for(driver._closed.wait(), 1)
+        driver.on_dtmf("1", 100)  # no socket: nothing to do
+        driver.on_marks(("m",), "playout")
+        await driver.close()
