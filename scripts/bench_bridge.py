@@ -17,7 +17,8 @@ excluded by measuring the two processing halves of each direction separately:
 caller → agent
   ``in.arrival``  RtpEndpoint.datagram_received: entry → return (parse, latch, jitter buffer)
   ``in.tick``     the tick's RtpStream.pull_frame → ListenConnection.send_audio for that call
-                  (G.711 decode, recorder, VAD, beep detector, resampler, agent sink)
+                  (jitter buffer read, beep detector, resampler, agent sink; VAD only with
+                  barge-in; G.711 decoding happens on arrival, the recorder after the send)
 agent → caller
   ``out.arrival`` the listen socket's reader gets a binary frame → the playout buffer has it
                   (ListenConnection._receive → MediaPipeline.agent_audio returns)

@@ -22,7 +22,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -124,37 +124,13 @@ class AgentCounters:
 
 
 @dataclass(frozen=True, slots=True)
-class SessionCounters:
-    """The call's totals: the agent-audio playout buffer's (``dropped_ms``: audio sent faster
-    than real time beyond the bound), agent audio flushed by barge-in or the agent's own
-    clear/killAudio (``agent_audio_cleared_ms``), and the driver's ``AgentCounters``."""
+class SessionCounters(AgentCounters):
+    """The call's totals: the driver's ``AgentCounters``, the agent-audio playout buffer's
+    (``playout.dropped_ms``: audio sent faster than real time beyond the bound), and agent
+    audio flushed by barge-in or the agent's own clear/killAudio (``agent_audio_cleared_ms``)."""
 
-    playout: PlayoutCounters
-    agent: AgentCounters = AgentCounters()
+    playout: PlayoutCounters = field(default_factory=lambda: PlayoutBuffer(SAMPLE_RATE).counters)
     agent_audio_cleared_ms: float = 0.0
-
-    @property
-    def ignored_agent_frames(self) -> int:
-        return self.agent.ignored_agent_frames
-
-    @property
-    def invalid_agent_messages(self) -> int:
-        return self.agent.invalid_agent_messages
-
-    @property
-    def late_acks(self) -> int:
-        return self.agent.late_acks
-
-    @property
-    def reconnects(self) -> int:
-        return self.agent.reconnects
-
-    @property
-    def agent_audio_dropped_ms(self) -> float:
-        return self.agent.agent_audio_dropped_ms
-
-
-_NO_COUNTERS = SessionCounters(playout=PlayoutBuffer(SAMPLE_RATE).counters)
 
 
 @dataclass
@@ -171,7 +147,7 @@ class SessionResult:
     cause: str | None
     transcript: list[tuple[str, str, float]] = field(default_factory=list)
     reason: str | None = None
-    counters: SessionCounters = field(default_factory=lambda: _NO_COUNTERS)
+    counters: SessionCounters = field(default_factory=SessionCounters)
     media: ev.MediaQualityFigures | None = None
 
 
@@ -558,8 +534,8 @@ class CallSession:
         """The call's counters so far (see :class:`SessionCounters`)."""
         agent = self.driver.counters() if self.driver is not None else AgentCounters()
         return SessionCounters(
+            **{f.name: getattr(agent, f.name) for f in fields(AgentCounters)},
             playout=self.pipeline.playout.counters,
-            agent=agent,
             agent_audio_cleared_ms=self.pipeline.cleared_ms,
         )
 
