@@ -90,3 +90,32 @@ class CallLogger(logging.LoggerAdapter[logging.Logger]):
 
 def call_logger(call_id: str, name: str = "worker.call") -> CallLogger:
     return CallLogger(logging.getLogger(name), call_id)
+
+
+class LogThrottle:
+    """Keeps a flood from becoming a flood of log lines: at most ``lines`` per key in each
+    ``interval_s``. ``allow(key, now)`` is None for a line to skip, else how many lines of that
+    key were skipped since the last one allowed (to log with it). Keys are bounded (oldest
+    forgotten first)."""
+
+    def __init__(self, lines: int = 10, interval_s: float = 60.0, max_keys: int = 1024) -> None:
+        self.lines = lines
+        self.interval_s = interval_s
+        self.max_keys = max_keys
+        self._state: dict[str, list[float]] = {}  # key -> [window start, lines, skipped]
+
+    def allow(self, key: str, now: float) -> int | None:
+        state = self._state.get(key)
+        if state is None or now - state[0] >= self.interval_s:
+            skipped = int(state[2]) if state is not None else 0
+            if state is None and len(self._state) >= self.max_keys:
+                self._state.pop(next(iter(self._state)))
+            self._state[key] = [now, 1.0, 0.0]
+            return skipped
+        if state[1] < self.lines:
+            state[1] += 1
+            skipped = int(state[2])
+            state[2] = 0.0
+            return skipped
+        state[2] += 1
+        return None

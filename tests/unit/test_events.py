@@ -341,3 +341,15 @@ class TestEventLog:
         path.write_text(whole + "\n{}\n", encoding="utf-8")
         with pytest.raises(ValueError, match=r"events.jsonl:2"):
             EventLog(path).events()
+
+
+class TestLogThrottle:
+    def test_lines_per_interval_and_the_skipped_count(self) -> None:
+        from worker.log import LogThrottle
+
+        throttle = LogThrottle(lines=2, interval_s=10.0, max_keys=2)
+        assert [throttle.allow("a", 0.0) for _ in range(5)] == [0, 0, None, None, None]
+        assert throttle.allow("a", 10.0) == 3  # a new window says what was skipped
+        assert throttle.allow("b", 10.0) == 0
+        assert throttle.allow("c", 10.0) == 0  # "a" is forgotten: keys are bounded
+        assert throttle.allow("a", 11.0) == 0

@@ -251,13 +251,15 @@ class TestRfc3261Section22_4ServerDigest:
     def answer(
         self, server: DigestServer, now: float, user: str = "alice", password: str = "wonderland"
     ) -> str:
-        challenge = DigestChallenge.parse(server.challenge(now))
+        challenge = DigestChallenge.parse(
+            server.challenge(now, method="INVITE", uri="sip:bob@example.com")
+        )
         return DigestClient(user, password).authorize(challenge, "INVITE", "sip:bob@example.com")
 
     @pytest.mark.parametrize("algorithm", ["MD5", "SHA-256", "MD5-sess", "SHA-256-sess"])
     def test_challenge_then_verify(self, algorithm: str) -> None:
         server = self.server(algorithms=[algorithm])
-        challenge = DigestChallenge.parse(server.challenge(1000.0))
+        challenge = DigestChallenge.parse(server.challenge(1000.0, method="INVITE", uri="sip:b@h"))
         assert challenge.algorithm == algorithm
         assert challenge.qop == ("auth",)
         assert not challenge.stale
@@ -282,7 +284,7 @@ class TestRfc3261Section22_4ServerDigest:
         server = self.server(nonce_lifetime=60.0)
         header = self.answer(server, 0.0)
         assert server.verify(header, "INVITE", 60.0).ok
-        stale = server.verify(header, "INVITE", 60.5)
+        stale = server.verify(self.answer(server, 0.0), "INVITE", 60.5)
         assert stale.outcome is AuthOutcome.STALE
         again = DigestChallenge.parse(server.challenge(60.5, stale=True))
         assert again.stale
@@ -337,7 +339,7 @@ class TestRfc3261Section22_4ServerDigest:
 
     def test_both_algorithms_offered_strongest_first(self) -> None:
         server = self.server(algorithms=["MD5", "SHA-256"])
-        values = server.challenges(0.0)
+        values = server.challenges(0.0, method="REGISTER", uri="sip:example.com")
         assert [DigestChallenge.parse(v).algorithm for v in values] == ["SHA-256", "MD5"]
         chosen = choose_challenge(values)
         header = DigestClient("bob", "builder").authorize(chosen, "REGISTER", "sip:example.com")
@@ -345,8 +347,53 @@ class TestRfc3261Section22_4ServerDigest:
 
     def test_legacy_client_when_server_offers_no_qop(self) -> None:
         server = self.server(qop=None)
-        challenge = DigestChallenge.parse(server.challenge(0.0))
+        challenge = DigestChallenge.parse(server.challenge(0.0, method="INVITE", uri="sip:b"))
         assert challenge.qop == ()
         header = DigestClient("alice", "wonderland").authorize(challenge, "INVITE", "sip:b")
         assert "qop" not in header
         assert server.verify(header, "INVITE", 1.0).ok
+
+
+class TestRfc7616Section3_3ReplayAndBinding:
+    """Issue 11 #7: a nonce is good only for the method and Request-URI it challenged, its
+    ``nc`` must grow, and ``qop`` is required."""
+
+    USERS: Final = MappingProxyType({"alice": "wonderland"})
+
+    def setup_method(self) -> None:
+        self.server = DigestServer("sip.example.com", b"0123456789abcdef", self.USERS)
+        self.challenge = DigestChallenge.parse(
+            self.server.challenge(0.0, method="INVITE", uri="sip:bob@example.com")
+        )
+        self.client = DigestClient("alice", "wonderland")
+
+    def test_the_same_header_twice_is_a_replay(self) -> None:
+        header = self.client.authorize(self.challenge, "INVITE", "sip:bob@example.com")
+        assert self.server.verify(header, "INVITE", 1.0).ok
+        again = self.server.verify(header, "INVITE", 2.0)
+        assert (again.outcome, again.reason) == (AuthOutcome.REJECTED, "replayed nonce count")
+        assert self.server.replays == 1
+        following = self.client.authorize(self.challenge, "INVITE", "sip:bob@example.com")
+        assert self.server.verify(following, "INVITE", 3.0).ok  # nc 2 is new
+
+    def test_another_uri_or_method_cannot_use_the_nonce(self) -> None:
+        other_uri = self.client.authorize(self.challenge, "INVITE", "sip:carol@example.com")
+        assert self.server.verify(other_uri, "INVITE", 1.0).reason == "nonce not issued here"
+        other_method = self.client.authorize(self.challenge, "OPTIONS", "sip:bob@example.com")
+        assert self.server.verify(other_method, "OPTIONS", 1.0).reason == "nonce not issued here"
+
+    def test_qop_is_required(self) -> None:
+        legacy = DigestChallenge(self.challenge.realm, self.challenge.nonce)
+        header = self.client.authorize(legacy, "INVITE", "sip:bob@example.com")
+        assert self.server.verify(header, "INVITE", 1.0).reason == "qop required"
+
+    def test_a_forgotten_nonce_only_restarts_at_one(self) -> None:
+        server = DigestServer("sip.example.com", b"0123456789abcdef", self.USERS, max_nonces=1)
+        first = DigestChallenge.parse(server.challenge(0.0, method="INVITE", uri="sip:b"))
+        second = DigestChallenge.parse(server.challenge(0.0, method="INVITE", uri="sip:b"))
+        client = DigestClient("alice", "wonderland")
+        one = client.authorize(first, "INVITE", "sip:b")
+        assert server.verify(one, "INVITE", 1.0).ok
+        assert server.verify(client.authorize(second, "INVITE", "sip:b"), "INVITE", 1.0).ok
+        later = client.authorize(first, "INVITE", "sip:b")  # nc 2 of a forgotten nonce
+        assert server.verify(later, "INVITE", 2.0).outcome is AuthOutcome.STALE

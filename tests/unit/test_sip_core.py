@@ -747,3 +747,92 @@ class TestEveryFinalFailureIsLogged:
         received = logged("final response received")
         assert sent == [(420, "Bad Extension"), (488, "No common codec"), (486, "Busy Here")]
         assert received == [(486, "Busy Here")]
+
+
+# -- hostile peers (issue 11) --------------------------------------------------------------------
+
+
+class TestHostilePeersInMemory:
+    """Each numbered finding of issue 11 that lives in the user agent's rules."""
+
+    async def test_2_responses_go_only_to_the_real_source(self, tmp_path: Path) -> None:
+        """maddr and a peer's own received are never used: the pair asserts every message goes
+        to the other side's real address, so a reflected response would fail here."""
+        pair = UaPair.create(tmp_path, b_sip={"trusted_sources": []})
+        invite = invite_to(pair, "b")
+        via = invite.headers["Via"]
+        invite.headers.set("Via", via + ";maddr=192.0.2.99;received=198.51.100.9")
+        pair.inject(invite, to="b")
+        assert statuses(pair, "b") == [403]
+
+    @pytest.mark.parametrize(
+        "contact", ["<sip:@@@>", "<sip:alice@host:99999>", '"unterminated <sip:a@b>']
+    )
+    async def test_5_malformed_contact_gets_400_not_silence(
+        self, tmp_path: Path, contact: str
+    ) -> None:
+        pair = UaPair.create(tmp_path)
+        invite = invite_to(pair, "b", headers={"contact": "no"})
+        invite.headers.add("Contact", contact)
+        pair.inject(invite, to="b")
+        assert statuses(pair, "b") == [400]
+        assert pair.b.calls == {}
+
+    @pytest.mark.parametrize("address", ["::1", "999.1.1.1", "bad\x00host", "media.example.com"])
+    async def test_3_unusable_media_address_gets_488(self, tmp_path: Path, address: str) -> None:
+        pair = UaPair.create(tmp_path)
+        body = (
+            make_offer("127.0.0.1", 7000)
+            .serialize()
+            .replace(b"IN IP4 127.0.0.1", f"IN IP4 {address}".encode())
+        )
+        pair.inject(invite_to(pair, "b", body=body), to="b")
+        assert statuses(pair, "b") == [488]
+
+    async def test_4_hangup_to_an_unresolvable_contact_never_raises(self, tmp_path: Path) -> None:
+        pair = UaPair.create(tmp_path)
+        invite = invite_to(pair, "b", headers={"contact": "no"})
+        host = "x" * 70 + ".test"
+        invite.headers.add("Contact", f"<sip:alice@{host}>")
+        pair.inject(invite, to="b")
+        call = pair.incoming("b")
+        pair.b.answer(call, pair.now)
+        pair.flush()
+        pair.b.hangup(call, "local-hangup", now=pair.now)  # must not raise
+        pair.flush()
+        assert [e.host for e in pair.events["b"] if isinstance(e, ResolveHost)] == [host]
+        assert end_of(call) is not None
+        pair.b.host_resolved(host, None, pair.now)
+        pair.flush()
+        assert pair.sent("b", "BYE") == []
+
+    async def test_8_refusals_are_stateless_one_packet_each(self, tmp_path: Path) -> None:
+        """No 100 Trying before admission, one response per request, nothing retransmitted,
+        no transaction kept."""
+        pair = UaPair.create(tmp_path, b_sip={"trusted_sources": []})
+        for _ in range(3):
+            pair.inject(invite_to(pair, "b"), to="b")
+        pair.advance(40.0)
+        assert statuses(pair, "b") == [403, 403, 403]
+        assert len(pair.b.layer) == 0
+
+    async def test_8_a_flood_is_refused_then_dropped(self, tmp_path: Path) -> None:
+        pair = UaPair.create(tmp_path, b_sip={"rate_limit_per_second": 1, "rate_limit_burst": 2})
+        pair.b.settings.routes[0] = pair.b.settings.routes[0].model_copy(update={"match": "nope"})
+        for _ in range(10):
+            pair.inject(invite_to(pair, "b"), to="b")
+        assert statuses(pair, "b") == [404, 404, 503, 503]
+        assert pair.b.counters.flood_dropped == 6
+        assert len(pair.b.layer) == 0
+
+    async def test_8_unacknowledged_answers_stop_holding_capacity(self, tmp_path: Path) -> None:
+        pair = UaPair.create(tmp_path, b_sip={"max_calls": 1})
+        pair.drop = lambda sent: (
+            isinstance(sent.message, SipRequest) and sent.message.method == "ACK"
+        )
+        pair.call_a_to_b()
+        pair.inject(invite_to(pair, "b"), to="b")
+        assert statuses(pair, "b")[-1] == 503
+        pair.advance(2.1)  # 4*T1 later the unacknowledged call no longer counts
+        pair.inject(invite_to(pair, "b"), to="b")
+        assert statuses(pair, "b")[-1] == 100

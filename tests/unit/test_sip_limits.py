@@ -25,3 +25,14 @@ class TestTokenBuckets:
         for i in range(1000):
             buckets.allow(f"10.0.{i // 256}.{i % 256}", 0.0)
         assert len(buckets._buckets) == 100
+
+    def test_far_over_the_rate_is_dropped_unanswered(self) -> None:
+        """Issue 11 #8: past its refusals a flooding source gets nothing at all, and it
+        recovers at the rate."""
+        buckets = TokenBuckets(rate=10, burst=3)
+        verdicts = [buckets.check("a", 0.0) for _ in range(10)]
+        assert verdicts == ["ok"] * 3 + ["refuse"] * 3 + ["drop"] * 4
+        assert (buckets.refused, buckets.dropped) == (3, 4)
+        assert buckets.check("a", 0.1) == "ok"
+        assert buckets.check("a", 0.1) == "refuse"
+        assert buckets.check("a", 0.1) == "drop"

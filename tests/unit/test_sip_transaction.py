@@ -722,24 +722,35 @@ class TestRfc3261Section18_2Via:
         assert event.request.headers["Via"] == "SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKv"
 
     @pytest.mark.parametrize(
-        ("via", "transport", "expected"),
+        ("via", "transport"),
         [
-            ("SIP/2.0/UDP a.example.com;branch=z9hG4bK1", UDP, ("a.example.com", 5060)),
-            ("SIP/2.0/UDP a.example.com:5080;branch=z9hG4bK1", UDP, ("a.example.com", 5080)),
-            ("SIP/2.0/UDP a.example.com:5080;received=10.0.0.1", UDP, ("10.0.0.1", 5080)),
-            ("SIP/2.0/UDP a.example.com;received=10.0.0.1;rport=6000", UDP, ("10.0.0.1", 6000)),
-            (
-                "SIP/2.0/UDP a.example.com;maddr=239.1.1.1;received=10.0.0.1",
-                UDP,
-                ("239.1.1.1", 5060),
-            ),
-            ("SIP/2.0/UDP [2001:db8::1]:5062;branch=z9hG4bK1", UDP, ("2001:db8::1", 5062)),
-            ("SIP/2.0/TCP a.example.com;received=10.0.0.1", TCP, ("198.51.100.1", 40001)),
+            ("SIP/2.0/UDP a.example.com;branch=z9hG4bK1", UDP),
+            ("SIP/2.0/UDP a.example.com:5080;branch=z9hG4bK1", UDP),
+            ("SIP/2.0/UDP a.example.com:5080;received=10.0.0.1", UDP),
+            ("SIP/2.0/UDP a.example.com;received=10.0.0.1;rport=6000", UDP),
+            ("SIP/2.0/UDP a.example.com;maddr=239.1.1.1;received=10.0.0.1", UDP),
+            ("SIP/2.0/UDP a.example.com;maddr=not-an-ip", UDP),
+            ("SIP/2.0/UDP [2001:db8::1]:5062;branch=z9hG4bK1", UDP),
+            ("SIP/2.0/TCP a.example.com;received=10.0.0.1", TCP),
         ],
     )
-    def test_response_destination(self, via: str, transport: Transport, expected: Address) -> None:
+    def test_rfc3581_section4_responses_go_to_the_real_source(
+        self, via: str, transport: Transport
+    ) -> None:
+        """Never ``maddr``, a peer's own ``received`` or the sent-by address (issue 11 #2)."""
         source = ("198.51.100.1", 40001)
-        assert response_destination(Via.parse(via), source, transport) == expected
+        assert response_destination(Via.parse(via), source, transport) == source
+
+    def test_a_peer_supplied_received_is_replaced(self) -> None:
+        layer = TransactionLayer()
+        request = make_request("OPTIONS")
+        request.headers.replace_first(
+            "Via", f"SIP/2.0/UDP {UAC[0]};received=203.0.113.9;branch=z9hG4bKv"
+        )
+        layer.receive(wire_request(request), UAC, UDP, 0.0)
+        event = only(layer.events_received())
+        assert isinstance(event, RequestReceived)
+        assert f"received={UAC[0]}" in event.request.headers["Via"]
 
 
 class TestRfc3261Section17_1_4TransportErrors:

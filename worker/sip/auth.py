@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import secrets
 import struct
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -297,11 +298,15 @@ class AuthResult:
 
 
 class DigestServer:
-    """Challenges and verifies Digest credentials for one realm, with stateless nonces.
+    """Challenges and verifies Digest credentials for one realm (RFC 7616, RFC 3261 §22).
 
-    A nonce is ``base64url(timestamp | salt | HMAC-SHA-256(secret, timestamp | salt | realm))``:
-    any nonce it issued in the last ``nonce_lifetime`` seconds verifies without storage. Nonce
-    counts are not tracked, so a captured request could be replayed within the lifetime.
+    A nonce is ``base64url(timestamp | salt | HMAC-SHA-256(secret, timestamp | salt | realm |
+    method | Request-URI))``: it verifies, without storage, only for the method and Request-URI of
+    the request it challenged and only for ``nonce_lifetime`` seconds (then ``STALE``: challenge
+    again with ``stale=true``). With ``qop`` (the default, ``auth``) credentials must carry it,
+    and each nonce's ``nc`` must grow: a repeated or lower count is a replay and is refused. The
+    counts are kept for at most ``max_nonces`` nonces; a nonce no longer remembered is only taken
+    with ``nc=1``, else it is answered as stale, so forgetting never opens a replay.
     """
 
     def __init__(
@@ -313,6 +318,7 @@ class DigestServer:
         algorithms: Iterable[str] = ("MD5",),
         qop: str | None = "auth",
         nonce_lifetime: float = 300.0,
+        max_nonces: int = 10_000,
     ) -> None:
         self.realm = realm
         self._secret = secret
@@ -320,14 +326,21 @@ class DigestServer:
         self.algorithms = tuple(_canonical_algorithm(a) for a in algorithms)
         self.qop = qop
         self.nonce_lifetime = nonce_lifetime
+        self.max_nonces = max_nonces
+        self._counts: OrderedDict[str, int] = OrderedDict()
+        self.replays = 0
 
-    def make_nonce(self, now: float) -> str:
+    def _mac(self, stamp: bytes, method: str, uri: str) -> bytes:
+        message = b"|".join((stamp, self.realm.encode(), method.encode(), uri.encode()))
+        return hmac.new(self._secret, message, hashlib.sha256).digest()[:16]
+
+    def make_nonce(self, now: float, method: str = "", uri: str = "") -> str:
+        """A nonce for a request of ``method`` to ``uri``."""
         stamp = struct.pack(">d", now) + secrets.token_bytes(8)
-        mac = hmac.new(self._secret, stamp + self.realm.encode(), hashlib.sha256).digest()[:16]
-        return base64.urlsafe_b64encode(stamp + mac).decode().rstrip("=")
+        return base64.urlsafe_b64encode(stamp + self._mac(stamp, method, uri)).decode().rstrip("=")
 
-    def nonce_issued_at(self, nonce: str) -> float | None:
-        """When we issued ``nonce``; None if it is not one of ours."""
+    def nonce_issued_at(self, nonce: str, method: str = "", uri: str = "") -> float | None:
+        """When we issued ``nonce`` for ``method`` and ``uri``; None if we did not."""
         try:
             raw = base64.urlsafe_b64decode(nonce + "=" * (-len(nonce) % 4))
         except (binascii.Error, ValueError):
@@ -335,15 +348,17 @@ class DigestServer:
         if len(raw) != 32:
             return None
         stamp, mac = raw[:16], raw[16:]
-        expected = hmac.new(self._secret, stamp + self.realm.encode(), hashlib.sha256).digest()
-        if not hmac.compare_digest(mac, expected[:16]):
+        if not hmac.compare_digest(mac, self._mac(stamp, method, uri)):
             return None
         issued: float = struct.unpack(">d", stamp[:8])[0]
         return issued
 
-    def challenges(self, now: float, *, stale: bool = False) -> list[str]:
-        """One WWW-Authenticate / Proxy-Authenticate value per algorithm, strongest first."""
-        nonce = self.make_nonce(now)
+    def challenges(
+        self, now: float, *, stale: bool = False, method: str = "", uri: str = ""
+    ) -> list[str]:
+        """One WWW-Authenticate / Proxy-Authenticate value per algorithm, strongest first, for
+        a request of ``method`` to ``uri``."""
+        nonce = self.make_nonce(now, method, uri)
         ordered = sorted(self.algorithms, key=SUPPORTED_ALGORITHMS.index)
         qop = (self.qop,) if self.qop else ()
         return [
@@ -351,9 +366,9 @@ class DigestServer:
             for algorithm in ordered
         ]
 
-    def challenge(self, now: float, *, stale: bool = False) -> str:
+    def challenge(self, now: float, *, stale: bool = False, method: str = "", uri: str = "") -> str:
         """The single challenge for the strongest configured algorithm."""
-        return self.challenges(now, stale=stale)[0]
+        return self.challenges(now, stale=stale, method=method, uri=uri)[0]
 
     def verify(
         self,
@@ -378,7 +393,9 @@ class DigestServer:
             return AuthResult(AuthOutcome.REJECTED, user, "digest uri differs from Request-URI")
         if creds.qop is not None and (creds.qop not in ("auth", "auth-int") or not creds.nc):
             return AuthResult(AuthOutcome.MALFORMED, user, "bad qop or nc")
-        issued = self.nonce_issued_at(creds.nonce)
+        if self.qop is not None and creds.qop is None:
+            return AuthResult(AuthOutcome.REJECTED, user, "qop required")
+        issued = self.nonce_issued_at(creds.nonce, method, creds.uri)
         if issued is None or issued > now + 1.0:
             return AuthResult(AuthOutcome.REJECTED, user, "nonce not issued here")
         password = self._credentials.get(user)
@@ -401,4 +418,23 @@ class DigestServer:
             return AuthResult(AuthOutcome.REJECTED, user, "wrong response")
         if now - issued > self.nonce_lifetime:
             return AuthResult(AuthOutcome.STALE, user, "nonce expired")
+        if creds.nc is not None:
+            return self._count(creds.nonce, creds.nc, user)
+        return AuthResult(AuthOutcome.OK, user, "ok")
+
+    def _count(self, nonce: str, nc: str, user: str) -> AuthResult:
+        try:
+            count = int(nc, 16)
+        except ValueError:
+            return AuthResult(AuthOutcome.MALFORMED, user, "bad nc")
+        last = self._counts.get(nonce)
+        if last is None and count != 1:
+            return AuthResult(AuthOutcome.STALE, user, "nonce count not known: start again")
+        if last is not None and count <= last:
+            self.replays += 1
+            return AuthResult(AuthOutcome.REJECTED, user, "replayed nonce count")
+        self._counts[nonce] = count
+        self._counts.move_to_end(nonce)
+        while len(self._counts) > self.max_nonces:
+            self._counts.popitem(last=False)
         return AuthResult(AuthOutcome.OK, user, "ok")

@@ -27,7 +27,13 @@ Rules, in one place:
    the request at once unless it says ``stale=true`` (then one more try with the new nonce).
 7. Host names are never resolved here: ``ResolveHost`` asks the adapter, and the request that
    needs the address waits for ``host_resolved``.
-8. Every final non-2xx response we send or receive is logged with its reason.
+8. Every final non-2xx response we send or receive is logged with its reason (throttled per
+   status, with the count of lines skipped).
+9. A request whose headers do not parse gets a 400 with the reason, never silence.
+10. Responses go only to a request's real source (the transaction layer's rule). Refusals of
+    new requests (rate, source, digest, capacity, routing, SDP) are stateless: one response per
+    request received, nothing retransmitted, no state kept; a source far over its rate gets no
+    answer at all. An INVITE gets its 100 Trying only once admitted.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from worker.config import Settings, TrunkSettings
-from worker.log import CallLogger, call_logger
+from worker.log import CallLogger, LogThrottle, call_logger
 from worker.sip.auth import (
     AuthError,
     AuthOutcome,
@@ -77,6 +83,7 @@ from worker.sip.sdp import (
     NoCommonCodecError,
     SdpParseError,
     SessionDescription,
+    UnusableAddressError,
     negotiate,
     process_answer,
 )
@@ -157,6 +164,7 @@ class UaCall:
     reoffer_pending: bool = False  # we offered in a 2xx to a re-INVITE without SDP
     ring_deadline: float | None = None
     answered_at: float | None = None
+    acked: bool = False  # inbound: the ACK for our 2xx came
     end: CallEnd | None = None
 
     @property
@@ -267,6 +275,7 @@ class UaCounters:
     calls_in: int = 0
     calls_out: int = 0
     unresolved: int = 0
+    flood_dropped: int = 0
 
 
 ResponseHandler = Callable[[SipResponse, float], None]
@@ -298,8 +307,10 @@ class UserAgentCore:
         self.host = sip.public_host or sip.host
         self.port = sip.port if port is None else port
         self.layer = TransactionLayer(
-            timers=Timers(t1=sip.t1_ms / 1000, t2=sip.t2_ms / 1000, t4=sip.t4_ms / 1000)
+            timers=Timers(t1=sip.t1_ms / 1000, t2=sip.t2_ms / 1000, t4=sip.t4_ms / 1000),
+            send_trying=False,  # 100 Trying only once an INVITE is admitted (rule 10)
         )
+        self._throttle = LogThrottle()
         self.limits = TokenBuckets(sip.rate_limit_per_second, sip.rate_limit_burst)
         self.digest = (
             DigestServer(sip.auth_realm, secrets.token_bytes(32), dict(sip.users))
@@ -385,14 +396,22 @@ class UserAgentCore:
         response = error_response(error, to_tag=generate_tag())
         if response is None:
             self.counters.malformed_dropped += 1
-            log.info("dropped unparseable message", extra={"source": source, "why": error.reason})
-            return
-        self.counters.malformed_answered += 1
-        log.info(
-            "answered malformed request",
-            extra={"source": source, "status": response.status, "why": error.reason},
-        )
-        self.layer.send_stateless(response, source, transport)
+            what = "dropped unparseable message"
+        else:
+            self.counters.malformed_answered += 1
+            what = "answered malformed request"
+            self.layer.send_stateless(response, source, transport)
+        skipped = self._throttle.allow(what, now)
+        if skipped is not None:
+            log.info(
+                what,
+                extra={
+                    "source": source,
+                    "status": None if response is None else response.status,
+                    "why": error.reason,
+                    "similar_lines_skipped": skipped,
+                },
+            )
 
     def transport_failed(self, transaction_id: str, reason: str, now: float) -> None:
         """The adapter could not send for this transaction (a TCP connect failed, §17.1.4)."""
@@ -444,7 +463,7 @@ class UserAgentCore:
             for event in events:
                 try:
                     self._handle(event, now)
-                except SipParseError as exc:
+                except SipParseError as exc:  # a response whose headers do not parse
                     log.info("unusable message", extra={"why": exc.reason})
 
     def _handle(self, event: TransactionEvent, now: float) -> None:
@@ -454,14 +473,8 @@ class UserAgentCore:
             client = self._clients.get(event.transaction_id)
             response = event.response
             if response.status >= 300:
-                log.info(
-                    "final response received",
-                    extra={
-                        "method": event.request.method,
-                        "status": response.status,
-                        "reason": response.reason,
-                        "call_id": event.request.call_id,
-                    },
+                self._log_final(
+                    "final response received", event.request, response.status, response.reason, now
                 )
             if client is not None:
                 if response.status >= 200:
@@ -522,15 +535,7 @@ class UserAgentCore:
             content_type=content_type,
         )
         if status >= 300:
-            log.info(
-                "final response sent",
-                extra={
-                    "method": request.method,
-                    "status": status,
-                    "reason": response.reason,
-                    "call_id": request.call_id,
-                },
-            )
+            self._log_final("final response sent", request, status, response.reason, now)
         self.layer.send_response(response, now)
         return response
 
@@ -596,70 +601,132 @@ class UserAgentCore:
         method = request.method
         try:
             to_tag = request.to_tag
-        except SipParseError as exc:
-            self._respond(request, 400, exc.reason, now)
-            return
-        if method == "ACK":
-            self._ack(request, now)
-            return
-        if method == "CANCEL":
-            self._cancel(request, now)
-            return
-        if to_tag is not None:
-            self._in_dialog(request, to_tag, now)
-            return
-        # A new request from outside any dialog: admission control first.
+            if method == "ACK":
+                self._ack(request, now)
+            elif method == "CANCEL":
+                self._cancel(event, now)
+            elif to_tag is not None:
+                self._in_dialog(event, to_tag, now)
+            else:
+                self._new_request(event, now)
+        except SipParseError as exc:  # rule 9: a header that does not parse is a 400, never silence
+            if method != "ACK":
+                self._refuse(event, 400, exc.reason[:80], now)
+
+    def _new_request(self, event: RequestReceived, now: float) -> None:
+        """A request from outside any dialog: admission first, every refusal stateless."""
+        request = event.request
         source = event.source[0]
-        if not self.limits.allow(source, now):
+        verdict = self.limits.check(source, now)
+        if verdict == "drop":
+            self.counters.flood_dropped += 1
+            if event.transaction_id is not None:
+                self.layer.discard(event.transaction_id)
+            return
+        if verdict == "refuse":
             self.counters.rate_limited += 1
-            retry = str(self.limits.retry_after(source))
-            self._respond(request, 503, "Rate Limited", now, headers=[("Retry-After", retry)])
+            retry = [("Retry-After", str(self.limits.retry_after(source)))]
+            self._refuse(event, 503, "Rate Limited", now, retry)
             return
-        try:
-            max_forwards = request.max_forwards
-        except SipParseError as exc:
-            self._respond(request, 400, exc.reason, now)
-            return
-        if max_forwards == 0:
-            self._respond(request, 483, None, now)
-            return
-        if method == "INVITE":
+        if request.max_forwards == 0:
+            self._refuse(event, 483, None, now)
+        elif request.method == "INVITE":
             self._new_invite(event, now)
-        elif method == "OPTIONS":
-            self._respond(request, 200, None, now, headers=[("Accept", SDP)])
-        elif method in ("BYE", "INFO", "UPDATE", "PRACK"):
+        elif request.method == "OPTIONS":
+            self._refuse(event, 200, None, now, [("Accept", SDP)])
+        elif request.method in ("BYE", "INFO", "UPDATE", "PRACK"):
             self.counters.no_dialog += 1
-            self._respond(request, 481, None, now)
+            self._refuse(event, 481, None, now)
         else:
-            self._respond(request, 405, None, now, headers=[("Allow", ALLOW)])
+            self._refuse(event, 405, None, now, [("Allow", ALLOW)])
+
+    def _refuse(
+        self,
+        event: RequestReceived,
+        status: int,
+        reason: str | None,
+        now: float,
+        headers: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """Answer a request statelessly (rule 10): one response to where it came from, and no
+        transaction left behind to retransmit it or hold memory."""
+        request = event.request
+        response = make_response(
+            request,
+            status,
+            reason,
+            to_tag=None if request.to_tag else generate_tag(),
+            headers=[*self._common_headers(), *headers],
+        )
+        if status >= 300:
+            self._log_final("final response sent", request, response.status, response.reason, now)
+        self.layer.send_stateless(response, event.source, event.transport)
+        if event.transaction_id is not None:
+            self.layer.discard(event.transaction_id)
+
+    def _log_final(
+        self, message: str, request: SipRequest | None, status: int, reason: str, now: float
+    ) -> None:
+        """Rule 8, throttled per status so that a flood does not become a flood of lines."""
+        skipped = self._throttle.allow(f"{message}:{status}", now)
+        if skipped is None:
+            return
+        log.info(
+            message,
+            extra={
+                "method": request.method if request is not None else None,
+                "status": status,
+                "reason": reason,
+                "call_id": request.call_id if request is not None else None,
+                "similar_lines_skipped": skipped,
+            },
+        )
 
     def _admit(self, event: RequestReceived, now: float) -> tuple[bool, str | None]:
         """Whether this INVITE may place a call: from a trunk's source, or digest-authenticated.
-        Sends the 401/403 itself when not."""
+        Sends the 401/403 itself (statelessly) when not."""
         request = event.request
         trunk = self._trunk_for_source(event.source[0])
         if trunk is not None:
             return True, trunk
         if self.digest is None:
             self.counters.forbidden += 1
-            log.warning("INVITE from an unknown source refused", extra={"source": event.source})
-            self._respond(request, 403, "Source Not Allowed", now)
+            self._refuse(event, 403, "Source Not Allowed", now)
             return False, None
         header = request.headers.get("Authorization")
         stale = False
         if header is not None:
-            result = self.digest.verify(header, request.method, now, body=request.body)
+            result = self.digest.verify(
+                header, request.method, now, body=request.body, request_uri=str(request.uri)
+            )
             if result.outcome is AuthOutcome.OK:
                 return True, None
             if result.outcome is AuthOutcome.REJECTED:
                 self.counters.forbidden += 1
-                self._respond(request, 403, "Authentication Failed", now)
+                self._refuse(event, 403, "Authentication Failed", now)
                 return False, None
             stale = result.outcome is AuthOutcome.STALE
         self.counters.challenged += 1
-        challenges = [("WWW-Authenticate", c) for c in self.digest.challenges(now, stale=stale)]
-        self._respond(request, 401, None, now, headers=challenges)
+        values = self.digest.challenges(
+            now, stale=stale, method=request.method, uri=str(request.uri)
+        )
+        challenges = [("WWW-Authenticate", c) for c in values]
+        self._refuse(event, 401, None, now, challenges)
         return False, None
+
+    def _holding_capacity(self, now: float) -> int:
+        """Calls that count against ``max_calls``: all but those answered and still not ACKed
+        after 4*T1 (they hold a slot at most that long; timer L ends them)."""
+        grace = 4 * self.layer.timers.t1
+        stale = sum(
+            1
+            for call in self.calls.values()
+            if call.answered_at is not None
+            and not call.acked
+            and call.direction == "inbound"
+            and now - call.answered_at > grace
+        )
+        return len(self.calls) - stale
 
     def _new_invite(self, event: RequestReceived, now: float) -> None:
         request = event.request
@@ -668,37 +735,38 @@ class UserAgentCore:
         admitted, trunk = self._admit(event, now)
         if not admitted:
             return
-        if len(self.calls) >= self.settings.sip.max_calls:
+        if self._holding_capacity(now) >= self.settings.sip.max_calls:
             self.counters.over_capacity += 1
-            self._respond(request, 503, "Too Many Calls", now, headers=[("Retry-After", "5")])
+            self._refuse(event, 503, "Too Many Calls", now, [("Retry-After", "5")])
             return
         require = request.headers.get("Require")
         if require:
-            self._respond(request, 420, None, now, headers=[("Unsupported", require)])
+            self._refuse(event, 420, None, now, [("Unsupported", require)])
             return
         if request.contact is None:
-            self._respond(request, 400, "Missing Contact", now)
+            self._refuse(event, 400, "Missing Contact", now)
             return
         user = request.uri.user or ""
         if self.settings.route_for(user) is None:
             self.counters.no_route += 1
-            self._respond(request, 404, "No Route", now)
+            self._refuse(event, 404, "No Route", now)
             return
         offer: SessionDescription | None = None
         if request.body:
             if request.content_type != SDP:
-                self._respond(request, 415, None, now, headers=[("Accept", SDP)])
+                self._refuse(event, 415, None, now, [("Accept", SDP)])
                 return
             try:
                 offer = SessionDescription.parse(request.body)
                 negotiate(offer, ("PCMU", "PCMA"), address=self.settings.rtp.host, port=9)
-            except NoCommonCodecError as exc:
+            except (NoCommonCodecError, UnusableAddressError) as exc:
                 self.counters.no_common_codec += 1
-                self._respond(request, 488, str(exc)[:80], now)
+                self._refuse(event, 488, str(exc)[:80], now)
                 return
             except SdpParseError as exc:
-                self._respond(request, 400, f"Bad SDP: {exc}"[:80], now)
+                self._refuse(event, 400, f"Bad SDP: {exc}"[:80], now)
                 return
+        self._respond(request, 100, None, now)  # admitted: now the transaction is worth keeping
         call = UaCall(
             call_id=request.call_id,
             local_tag=generate_tag(),
@@ -800,24 +868,28 @@ class UserAgentCore:
         if call is None or call.dialog is None:
             return
         call.dialog.confirm()
+        call.acked = True
         late_answer = call.offer is None and call.media is None
         if request.body and (late_answer or call.reoffer_pending):
             call.reoffer_pending = False
             assert call.local_sdp is not None
             try:
                 ours = call.local_sdp.offer(call.rtp_port)
-                media = process_answer(ours, SessionDescription.parse(request.body))
-            except (SdpParseError, NoCommonCodecError) as exc:
+                media = process_answer(
+                    ours, SessionDescription.parse(request.body), address=self.settings.rtp.host
+                )
+            except (SdpParseError, NoCommonCodecError, UnusableAddressError) as exc:
                 call.log.warning("bad SDP answer in ACK", extra={"why": str(exc)})
                 if late_answer:
                     self.hangup(call, "bad-sdp", now=now)
                 return
             self._negotiated(call, media)
 
-    def _cancel(self, request: SipRequest, now: float) -> None:
+    def _cancel(self, event: RequestReceived, now: float) -> None:
+        request = event.request
         invite = self.layer.find_cancelled_invite(request)
         if invite is None:
-            self._respond(request, 481, None, now)
+            self._refuse(event, 481, None, now)
             return
         call = next(
             (c for c in self._by_server_tid.values() if c.invite is invite and not c.ended),
@@ -834,13 +906,14 @@ class UserAgentCore:
         call.log.info("cancelled by the caller")
         self._finish_unanswered(call, 487, "cancelled", None, now)
 
-    def _in_dialog(self, request: SipRequest, to_tag: str, now: float) -> None:
+    def _in_dialog(self, event: RequestReceived, to_tag: str, now: float) -> None:
+        request = event.request
         call = self.calls.get((request.call_id, to_tag))
         method = request.method
         # UPDATE may come in an early dialog (RFC 3311 §5.1): the call exists, no dialog yet.
         if call is None or (call.dialog is None and method != "UPDATE"):
             self.counters.no_dialog += 1
-            self._respond(request, 481, None, now)
+            self._refuse(event, 481, None, now)
             return
         if call.dialog is not None:
             try:
@@ -884,7 +957,7 @@ class UserAgentCore:
         try:
             remote = SessionDescription.parse(request.body)
             answer, media = call.local_sdp.answer(remote, call.rtp_port)
-        except NoCommonCodecError as exc:
+        except (NoCommonCodecError, UnusableAddressError) as exc:
             self._respond(request, 488, str(exc)[:80], now)
             return
         except SdpParseError as exc:
@@ -1234,8 +1307,10 @@ class UserAgentCore:
         try:
             if call.offer is None:
                 raise SdpParseError("no offer of ours to match")
-            media = process_answer(call.offer, SessionDescription.parse(body))
-        except (SdpParseError, NoCommonCodecError) as exc:
+            media = process_answer(
+                call.offer, SessionDescription.parse(body), address=self.settings.rtp.host
+            )
+        except (SdpParseError, NoCommonCodecError, UnusableAddressError) as exc:
             call.log.warning("unusable SDP answer", extra={"why": str(exc)})
             return False
         self._negotiated(call, media)

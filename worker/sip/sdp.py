@@ -5,11 +5,13 @@
 ``process_answer`` (read the answer to our offer) reduce a session to ``NegotiatedMedia``: where
 to send RTP, with which codec, telephone-event payload type, ptime, and the direction from our
 point of view. ``LocalSdp`` keeps our ``o=`` line and bumps its version when our SDP changes.
-Errors: ``SdpParseError`` (answer 400) and ``NoCommonCodecError`` (answer 488).
+Errors: ``SdpParseError`` (answer 400), ``NoCommonCodecError`` and ``UnusableAddressError``
+(answer 488: a media address we cannot send to, an attacker's way to make calls that never end).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
 from collections.abc import Iterable, Sequence
@@ -46,6 +48,28 @@ class NoCommonCodecError(RemoteError):
     """No usable audio stream with a codec we support: answer 488 Not Acceptable Here."""
 
     status_code = 488
+
+
+class UnusableAddressError(RemoteError):
+    """The peer's media address cannot be sent to from our RTP socket (not an IP address, or
+    of the other family): answer 488, since a call whose media cannot flow would never end."""
+
+    status_code = 488
+
+
+def check_media_address(host: str, ours: str) -> None:
+    """Raise ``UnusableAddressError`` unless ``host`` is an IP address of ``ours``' family (the
+    hold addresses ``0.0.0.0`` and ``::`` included)."""
+    try:
+        remote = ipaddress.ip_address(host)
+    except ValueError:
+        raise UnusableAddressError(f"Unusable media address {host[:40]!r}") from None
+    try:
+        local_version = ipaddress.ip_address(ours).version
+    except ValueError:
+        local_version = remote.version
+    if remote.version != local_version:
+        raise UnusableAddressError(f"Media address {host} is not IPv{local_version}")
 
 
 class Direction(StrEnum):
@@ -537,6 +561,7 @@ def negotiate(
         raise SdpParseError("Offer has no c= line for its audio stream")
     remote_dir = offer.media_direction(offered)
     remote_host = remote_connection.host
+    check_media_address(remote_host, address)
     remote_hold = not remote_dir.receives or remote_host in _HOLD_ADDRESSES
     ours = remote_dir.reversed() & direction
     if remote_host in _HOLD_ADDRESSES:
@@ -584,7 +609,9 @@ def negotiate(
     return answer, negotiated
 
 
-def process_answer(offer: SessionDescription, answer: SessionDescription) -> NegotiatedMedia:
+def process_answer(
+    offer: SessionDescription, answer: SessionDescription, *, address: str | None = None
+) -> NegotiatedMedia:
     """Read the peer's answer to ``offer`` (RFC 3264 §7) for our first audio stream.
 
     Raises ``SdpParseError`` when the answer does not match the offer's m-lines and
@@ -609,6 +636,7 @@ def process_answer(offer: SessionDescription, answer: SessionDescription) -> Neg
             raise SdpParseError("Answer has no c= line for its audio stream")
         their_dir = answer.media_direction(theirs)
         host = connection.host
+        check_media_address(host, address or host)
         direction = their_dir.reversed() & offer.media_direction(ours)
         if host in _HOLD_ADDRESSES:
             direction = direction & Direction.RECVONLY

@@ -24,6 +24,8 @@ The rules, in one place:
   the TU should send BYE). A retransmitted INVITE gets the last provisional or final again.
 - Server non-INVITE (§17.2.2): Trying (retransmissions absorbed) -> Proceeding -> Completed
   (retransmissions answered with the last response). J = 64*T1 over UDP, 0 otherwise.
+- Responses go back to the request's real source address and port, whatever its Via says
+  (``response_destination``: RFC 3581 symmetric routing for every request, never ``maddr``).
 - Matching (§17.1.3, §17.2.3): responses by top Via branch + CSeq method; requests by branch +
   sent-by + method, ACK matching its INVITE; RFC 2543 requests (no ``z9hG4bK``) by Call-ID, From
   tag, CSeq number, top Via and method. An ACK for a 2xx is matched by Call-ID, CSeq and To tag.
@@ -557,22 +559,14 @@ def build_non_2xx_ack(invite: SipRequest, response: SipResponse) -> SipRequest:
 
 
 def response_destination(via: Via, source: Address, transport: Transport) -> Address:
-    """Where a response goes (RFC 3261 §18.2.2, RFC 3581 §4).
+    """Where a response goes: back to the address and port the request really came from, over
+    any transport (RFC 3581 §4's symmetric response routing, applied to every request).
 
-    Over a reliable transport: back on the connection the request came from. Over UDP: ``maddr``,
-    else ``received`` with ``rport`` (or the sent-by port), else the sent-by address.
+    On purpose stricter than RFC 3261 §18.2.2: a Via's ``maddr``, a ``received`` the peer wrote
+    itself and the sent-by address are never used, so one unauthenticated datagram can never
+    make the worker send to an address of the sender's choosing (reflection, amplification).
     """
-    if transport.reliable:
-        return source
-    default_port = 5060
-    maddr = via.maddr
-    if maddr is not None:
-        return strip_brackets(maddr), via.port or default_port
-    received = via.received
-    rport = via.rport
-    if received is not None:
-        return strip_brackets(received), rport or via.port or default_port
-    return strip_brackets(via.host), rport or via.port or default_port
+    return source
 
 
 def _client_key(branch: str, method: str) -> str:
@@ -754,6 +748,13 @@ class TransactionLayer:
         """Send outside any transaction (a 400 for an unparseable request, a 481, a stray ACK)."""
         self._outgoing.append(OutgoingMessage(message.serialize(), destination, transport))
 
+    def discard(self, transaction_id: str) -> None:
+        """Forget a server transaction the TU answered statelessly (``send_stateless``) or chose
+        to drop: it keeps no state and sends nothing more (a retransmitted request is new)."""
+        txn = self._transactions.get(transaction_id)
+        if isinstance(txn, _ServerTransaction):
+            txn.terminate()
+
     def transport_error(self, transaction_id: str, reason: str = "transport error") -> None:
         """The transport reports that it could not send for this transaction."""
         txn = self._transactions.get(transaction_id)
@@ -826,8 +827,8 @@ def _stamp_via(request: SipRequest, source: Address) -> Via:
     stamped = via
     if via.rport_requested:
         stamped = stamped.with_param("received", host).with_param("rport", str(source[1]))
-    elif strip_brackets(via.host) != host:
-        stamped = stamped.with_param("received", host)
+    elif strip_brackets(via.host) != host or via.received is not None:
+        stamped = stamped.with_param("received", host)  # a peer's own received is replaced
     if stamped is not via:
         request.headers.replace_first("Via", str(stamped))
     return stamped
