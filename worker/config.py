@@ -60,6 +60,9 @@ class SipSettings(_Section):
     auth_realm: str = "aispinner"
     users: dict[str, str] = Field(default_factory=dict)
     trusted_sources: list[str] = ["127.0.0.0/8", "::1/128"]
+    receive_buffer_bytes: int = Field(4 * 1024 * 1024, ge=65536)
+    tcp_max_connections_per_source: int = Field(32, ge=1)
+    tcp_message_timeout_s: float = Field(10.0, gt=0)
 
     @field_validator("trusted_sources")
     @classmethod
@@ -74,6 +77,7 @@ class RtpSettings(_Section):
     inactivity_timeout_s: float = Field(30.0, gt=0)
     jitter_min_ms: int = Field(40, ge=0)
     jitter_max_ms: int = Field(200, ge=20)
+    nat_latch: bool = False
 
     @model_validator(mode="after")
     def _range(self) -> RtpSettings:

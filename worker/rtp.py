@@ -1,13 +1,17 @@
-"""RTP endpoints for call legs: a port allocator over the configured range and one asyncio
-datagram endpoint per leg with symmetric RTP (latch on the first valid source), with its RTCP
-socket on the next port (RFC 3550 §11) and RTCP multiplexed on the RTP port when negotiated
-(RFC 5761).
+"""RTP endpoints for call legs: a port allocator over the configured range (ports handed out in
+an unpredictable order) and one asyncio datagram endpoint per leg with symmetric RTP, with its
+RTCP socket on the next port (RFC 3550 §11) and RTCP multiplexed on the RTP port when
+negotiated (RFC 5761).
 
 The endpoint only moves bytes: it parses with ``media.rtp`` (counting, never raising), latches,
-and hands packets to the leg's callback with the loop's ``now``. Sending goes to the latched
-source once there is one, else to the address from the SDP. When a new SDP moves the peer's
-media elsewhere (RFC 3264 §8.3.1) the latch is learnt again, and the former source can no longer
-win it: its last packets in flight are still taken, but sending follows the new address.
+and hands packets to the leg with the loop's ``now``. The latch: only packets from the host the
+peer's SDP names are taken and latch at once (another sender on the path cannot take the call's
+audio by racing to its port); with ``rtp.nat_latch`` (callers behind NAT, whose SDP names a
+private address) another source latches after ``NAT_LATCH_PACKETS`` valid packets in a row.
+Sending goes to the latched source once there is one, else to the address from the SDP. When a
+new SDP moves the peer's media elsewhere (RFC 3264 §8.3.1) the latch is learnt again, and the
+former source can no longer win it: its last packets in flight are still taken, but sending
+follows the new address.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from media.rtp import RtpCounters, RtpPacket, parse_or_count
 from worker.errors import LocalError
 
 Address = tuple[str, int]
+NAT_LATCH_PACKETS = 3
+"""With ``rtp.nat_latch``: valid packets in a row from one unexpected source before it wins."""
 
 
 class PacketReceiver(Protocol):
@@ -38,19 +44,22 @@ class PortsExhaustedError(LocalError):
 
 
 class PortAllocator:
-    """Hands out even RTP ports from ``[port_min, port_max]``, starting at a random offset."""
+    """Hands out even RTP ports from ``[port_min, port_max]`` in an unpredictable order (a
+    sender cannot guess the next call's port and race its audio to it)."""
 
     def __init__(self, port_min: int, port_max: int) -> None:
         first = port_min + (port_min % 2)
         self._ports = list(range(first, port_max, 2))
         if not self._ports:
             raise LocalError(f"no even port in {port_min}-{port_max}")
-        self._next = random.randrange(len(self._ports))
-        self._used: set[int] = set()
+        self._range = frozenset(self._ports)
+        self._free = list(self._ports)
+        self._where = {port: i for i, port in enumerate(self._free)}  # position in _free
+        self._random = random.SystemRandom()
 
     def __len__(self) -> int:
         """How many ports are free."""
-        return len(self._ports) - len(self._used)
+        return len(self._free)
 
     @property
     def capacity(self) -> int:
@@ -58,25 +67,24 @@ class PortAllocator:
         return len(self._ports)
 
     def candidates(self, limit: int | None = None) -> list[int]:
-        """Free ports in the order to try them (round robin, so a freed port rests a while),
-        at most ``limit`` of them."""
-        ports, used, start = self._ports, self._used, self._next
-        n = len(ports)
-        out: list[int] = []
-        for i in range(n):
-            port = ports[(start + i) % n]
-            if port not in used:
-                out.append(port)
-                if limit is not None and len(out) >= limit:
-                    break
-        return out
+        """Free ports in a random order, at most ``limit`` of them."""
+        count = len(self._free) if limit is None else min(limit, len(self._free))
+        return self._random.sample(self._free, count)
 
     def take(self, port: int) -> None:
-        self._used.add(port)
-        self._next = (self._ports.index(port) + 1) % len(self._ports)
+        i = self._where.pop(port, None)
+        if i is None:
+            return
+        last = self._free.pop()
+        if last != port:  # move the last free port into the hole
+            self._free[i] = last
+            self._where[last] = i
 
     def release(self, port: int) -> None:
-        self._used.discard(port)
+        if port in self._where or port not in self._range:
+            return
+        self._where[port] = len(self._free)
+        self._free.append(port)
 
 
 @dataclass(slots=True)
@@ -117,9 +125,12 @@ class RtpEndpoint(asyncio.DatagramProtocol):
     """One leg's RTP socket. Its receiver (``attach``) gets every valid packet from the peer;
     packets before a receiver is attached are counted and dropped."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, nat_latch: bool = False) -> None:
         self._receiver: PacketReceiver | None = None
         self._loop = loop
+        self._nat_latch = nat_latch
+        self._candidate: Address | None = None  # an unexpected source seen (NAT mode)
+        self._candidate_packets = 0
         self._transport: asyncio.DatagramTransport | None = None
         self.remote: Address | None = None
         self.latched: Address | None = None
@@ -164,12 +175,16 @@ class RtpEndpoint(asyncio.DatagramProtocol):
         if len(data) > 1 and 192 <= data[1] <= 223:  # RTCP multiplexed on this port (RFC 5761)
             self.rtcp_datagram(data, addr)
             return
+        if latched is None and not self._may_take(addr):
+            return
         packet = parse_or_count(data, self.counters)
         if packet is None:
             return
         if latched is None:
             source = (addr[0], addr[1])
             if source != self._former:
+                if not self._may_latch(source):
+                    return  # a NAT candidate not trusted yet
                 self.latched = source
         now = self._loop.time()
         self.last_received = now
@@ -178,6 +193,32 @@ class RtpEndpoint(asyncio.DatagramProtocol):
             self.endpoint_counters.unattached += 1
             return
         receiver.rtp_received(packet, now)
+
+    def _may_take(self, addr: Address) -> bool:
+        """Before the latch: only from the host the SDP names (or the former source, whose
+        last packets are still in flight), unless NAT latching is on."""
+        remote = self.remote
+        if remote is not None and addr[0] == remote[0]:
+            return True
+        former = self._former
+        if former is not None and addr[0] == former[0] and addr[1] == former[1]:
+            return True
+        if not self._nat_latch or remote is None:
+            self.endpoint_counters.foreign_source += 1
+            return False
+        return True
+
+    def _may_latch(self, source: Address) -> bool:
+        """The SDP's host latches at once; another source (NAT) only after ``NAT_LATCH_PACKETS``
+        valid packets in a row from it, which are dropped meanwhile."""
+        remote = self.remote
+        if remote is not None and source[0] == remote[0]:
+            return True
+        if source == self._candidate:
+            self._candidate_packets += 1
+        else:
+            self._candidate, self._candidate_packets = source, 1
+        return self._candidate_packets >= NAT_LATCH_PACKETS
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -256,9 +297,10 @@ class RtpEndpoint(asyncio.DatagramProtocol):
 class RtpPortPool:
     """Binds ``RtpEndpoint``s on free ports of the allocator; releases them on close."""
 
-    def __init__(self, host: str, port_min: int, port_max: int) -> None:
+    def __init__(self, host: str, port_min: int, port_max: int, *, nat_latch: bool = False) -> None:
         self.host = host
         self.allocator = PortAllocator(port_min, port_max)
+        self.nat_latch = nat_latch
 
     async def open(self) -> RtpEndpoint:
         """Bind an endpoint on the next free even port and its RTCP socket on the odd one
@@ -278,7 +320,7 @@ class RtpPortPool:
                 rtcp_sock.close()
                 continue  # taken by another process: try the next pair
             self.allocator.take(port)
-            endpoint = RtpEndpoint(loop)
+            endpoint = RtpEndpoint(loop, nat_latch=self.nat_latch)
             rtcp = _RtcpSocket(endpoint)
             opened = False
             try:

@@ -54,35 +54,54 @@ class Receiver:
 
 
 class TestRtpEndpointLatch:
-    def endpoint(self) -> tuple[RtpEndpoint, list[RtpPacket]]:
+    """Symmetric RTP that cannot be hijacked (issue 11 #6): only the host the SDP names latches;
+    another source only with ``nat_latch``, after a few packets in a row."""
+
+    def endpoint(self, nat_latch: bool = False) -> tuple[RtpEndpoint, list[RtpPacket]]:
         receiver = Receiver()
-        endpoint = RtpEndpoint(asyncio.get_running_loop())
+        endpoint = RtpEndpoint(asyncio.get_running_loop(), nat_latch=nat_latch)
         endpoint.attach(receiver)
         return endpoint, receiver.got
 
-    async def test_latches_on_the_first_source_and_drops_others(self) -> None:
+    async def test_only_the_sdp_host_latches(self) -> None:
         endpoint, got = self.endpoint()
         endpoint.set_remote(FIRST)
-        endpoint.datagram_received(rtp(1), NAT)
-        endpoint.datagram_received(rtp(2), FIRST)
-        assert endpoint.latched == NAT
-        assert len(got) == 1
-        assert endpoint.endpoint_counters.foreign_source == 1
+        endpoint.datagram_received(rtp(1), NAT)  # someone racing to the port
+        endpoint.datagram_received(rtp(2), (FIRST[0], FIRST[1] + 2))  # the peer, another port
+        endpoint.datagram_received(rtp(3), NAT)
+        assert endpoint.latched == (FIRST[0], FIRST[1] + 2)
+        assert [p.sequence for p in got] == [2]
+        assert endpoint.endpoint_counters.foreign_source == 2
 
-    async def test_first_sdp_address_keeps_an_early_latch(self) -> None:
-        """Packets before the SDP answer latch; learning the SDP address must not undo that
-        (the caller may be behind NAT)."""
-        endpoint, _ = self.endpoint()
-        endpoint.datagram_received(rtp(1), NAT)
+    async def test_nothing_is_taken_before_the_sdp_is_known(self) -> None:
+        endpoint, got = self.endpoint()
+        endpoint.datagram_received(rtp(1), FIRST)
+        assert latched(endpoint) is None
+        assert got == []
         endpoint.set_remote(FIRST)
+        endpoint.datagram_received(rtp(2), FIRST)
+        assert latched(endpoint) == FIRST
+
+    async def test_nat_latch_after_three_packets_in_a_row(self) -> None:
+        endpoint, got = self.endpoint(nat_latch=True)
+        endpoint.set_remote(FIRST)  # a private address behind the caller's NAT
+        endpoint.datagram_received(rtp(1), NAT)
+        endpoint.datagram_received(rtp(2), MOVED)  # another source breaks the run
+        endpoint.datagram_received(rtp(3), NAT)
+        endpoint.datagram_received(rtp(4), NAT)
+        assert latched(endpoint) is None
+        endpoint.datagram_received(rtp(5), NAT)
         assert endpoint.latched == NAT
+        assert [p.sequence for p in got] == [5]
+        endpoint.datagram_received(rtp(6), MOVED)
+        assert endpoint.endpoint_counters.foreign_source == 1
 
     async def test_same_address_again_keeps_the_latch(self) -> None:
         endpoint, _ = self.endpoint()
         endpoint.set_remote(FIRST)
-        endpoint.datagram_received(rtp(1), NAT)
+        endpoint.datagram_received(rtp(1), FIRST)
         endpoint.set_remote(FIRST)  # a re-INVITE for hold or resume, same address
-        assert endpoint.latched == NAT
+        assert endpoint.latched == FIRST
 
     async def test_rfc3264_section8_3_1_move_relearns_the_source(self) -> None:
         endpoint, got = self.endpoint()

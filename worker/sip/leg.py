@@ -44,6 +44,9 @@ from worker.sip.core import CallEnd, CallPhase, UaCall
 from worker.sip.sdp import NegotiatedMedia
 from worker.sip.transaction import Transport
 
+UNSENDABLE_ERRORS = 25
+"""Failed RTP sends in a row (about half a second of ticks) that end a call."""
+
 
 class LegControl(Protocol):
     """What a leg asks of its user agent (``ua.UserAgent``)."""
@@ -107,6 +110,8 @@ class SipLeg:
         self.ended_at: float | None = None
         self.resumed_at: float | None = None  # when the last hold ended
         self._held = False
+        self._errors_seen = 0
+        self._sent_seen = 0
         invite = call.invite
         self._info = LegInfo(
             call_id=call.call_id,
@@ -284,6 +289,15 @@ class SipLeg:
         if rtcp.due(now):
             report = rtcp.report(now, stream.sender.next_timestamp)
             self.endpoint.send_rtcp(report, media.rtcp_port, media.rtcp_mux)
+
+    def media_unsendable(self) -> bool:
+        """Whether, since the last time this was asked (about a second ago), every RTP send
+        failed: an address the socket refuses makes a call whose media can never flow."""
+        counters = self.endpoint.endpoint_counters
+        errors, sent = counters.send_errors, counters.sent
+        failing = errors - self._errors_seen >= UNSENDABLE_ERRORS and sent == self._sent_seen
+        self._errors_seen, self._sent_seen = errors, sent
+        return failing
 
     def inactive_for(self, now: float) -> float:
         """Seconds since the peer last sent RTP (or since the answer, or the end of a hold);

@@ -4,12 +4,18 @@ the configured address, plus outbound TCP connections reused per destination.
 It only moves bytes. Datagrams and framed TCP messages are parsed with ``message.parse`` and
 handed up with their source; bytes that do not parse are handed up as the ``SipMessageError``
 (the user agent answers 400/513 or drops and counts). Nothing a peer sends raises out of here.
+
+Guards against peers that hold resources: the UDP socket's receive buffer is sized for bursts
+(``receive_buffer_bytes``); a source may hold at most ``tcp_max_per_source`` TCP connections;
+a connection that has sent nothing, or the start of a message it does not finish, within
+``tcp_message_timeout_s`` is closed (one byte every few seconds keeps nothing open).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -38,6 +44,8 @@ class TransportCounters:
     keepalives: int = 0
     tcp_connections: int = 0
     tcp_framing_errors: int = 0
+    tcp_refused: int = 0  # over the per-source cap
+    tcp_timed_out: int = 0  # a message never finished
     send_failures: int = 0
 
 
@@ -61,18 +69,27 @@ class _Udp(asyncio.DatagramProtocol):
 class _Tcp(asyncio.Protocol):
     """One TCP connection, either accepted or opened by us."""
 
-    def __init__(self, owner: SipTransport) -> None:
+    def __init__(self, owner: SipTransport, accepted: bool = True) -> None:
         self.owner = owner
         self.framer = StreamFramer(max_body_size=owner.max_message_bytes)
         self.transport: asyncio.Transport | None = None
         self.peer: Address = ("", 0)
+        self.accepted = accepted
+        self.waiting_since: float | None = None  # a message is due (connected, or partial)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = (peer[0], peer[1])
-        self.owner.counters.tcp_connections += 1
-        self.owner.connections[self.peer] = self
+        owner = self.owner
+        if self.accepted and owner.tcp_from(self.peer[0]) >= owner.tcp_max_per_source:
+            owner.counters.tcp_refused += 1
+            self.transport.abort()
+            return
+        owner.counters.tcp_connections += 1
+        owner.connections[self.peer] = self
+        if self.accepted:
+            self.waiting_since = asyncio.get_running_loop().time()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -84,6 +101,11 @@ class _Tcp(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
+        if self.framer.buffered:  # the start of a message: it must be finished in time
+            if items or self.waiting_since is None:
+                self.waiting_since = asyncio.get_running_loop().time()
+        else:
+            self.waiting_since = None
         for item in items:
             if isinstance(item, SipMessageError):
                 self.owner.on_error(item, self.peer, Transport.TCP)
@@ -111,8 +133,16 @@ class SipTransport:
         *,
         max_message_bytes: int = 65535,
         transports: tuple[str, ...] = ("udp", "tcp"),
+        receive_buffer_bytes: int = 4 * 1024 * 1024,
+        tcp_max_per_source: int = 32,
+        tcp_message_timeout_s: float = 10.0,
     ) -> None:
         self.host = host
+        self.receive_buffer_bytes = receive_buffer_bytes
+        self.tcp_max_per_source = tcp_max_per_source
+        self.tcp_message_timeout_s = tcp_message_timeout_s
+        self.receive_buffer_granted = 0
+        self._sweep: asyncio.TimerHandle | None = None
         self.port = port
         self.on_message = on_message
         self.on_error = on_error
@@ -134,12 +164,60 @@ class SipTransport:
             self._udp = proto
             assert proto.transport is not None
             self.port = proto.transport.get_extra_info("sockname")[1]
+            self._size_receive_buffer(proto.transport.get_extra_info("socket"))
         if "tcp" in self.enabled:
             self._server = await loop.create_server(
                 lambda: _Tcp(self), self.host, self.port, reuse_address=True
             )
+            self._sweep = loop.call_later(1.0, self._sweep_tcp)
+
+    def _size_receive_buffer(self, sock: socket.socket | None) -> None:
+        """Ask for ``receive_buffer_bytes`` (past the kernel's rmem_max when privileged) so a
+        burst is queued rather than dropped unseen; log what was granted."""
+        if sock is None:
+            return
+        wanted = self.receive_buffer_bytes
+        force = getattr(socket, "SO_RCVBUFFORCE", None)
+        try:
+            if force is None:
+                raise PermissionError
+            sock.setsockopt(socket.SOL_SOCKET, force, wanted)
+        except OSError:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, wanted)
+            except OSError as exc:
+                log.warning("cannot size the SIP receive buffer", extra={"why": str(exc)})
+        granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        self.receive_buffer_granted = granted
+        if granted < wanted:  # Linux reports twice what it reserves for the data itself
+            log.warning(
+                "SIP receive buffer smaller than asked (raise net.core.rmem_max)",
+                extra={"asked": wanted, "granted": granted},
+            )
+
+    def tcp_from(self, host: str) -> int:
+        """TCP connections open with ``host`` now."""
+        return sum(1 for peer in self.connections if peer[0] == host)
+
+    def _sweep_tcp(self) -> None:
+        """Close connections that owe a message for longer than ``tcp_message_timeout_s``."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for conn in list(self.connections.values()):
+            since = conn.waiting_since
+            if since is not None and now - since > self.tcp_message_timeout_s:
+                self.counters.tcp_timed_out += 1
+                log.info(
+                    "closing a TCP connection that sends no message", extra={"peer": conn.peer}
+                )
+                if conn.transport is not None:
+                    conn.transport.abort()
+        self._sweep = loop.call_later(1.0, self._sweep_tcp)
 
     async def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         for task in list(self._sending):
             task.cancel()
         if self._sending:
@@ -226,7 +304,10 @@ class SipTransport:
         self._connecting[destination] = future
         try:
             _, proto = await asyncio.wait_for(
-                loop.create_connection(lambda: _Tcp(self), destination[0], destination[1]), 5.0
+                loop.create_connection(
+                    lambda: _Tcp(self, accepted=False), destination[0], destination[1]
+                ),
+                5.0,
             )
             future.set_result(proto)
             return proto

@@ -61,8 +61,12 @@ class UserAgent:
             self._on_parse_error,
             max_message_bytes=sip.max_message_bytes,
             transports=tuple(sip.transports),
+            receive_buffer_bytes=sip.receive_buffer_bytes,
+            tcp_max_per_source=sip.tcp_max_connections_per_source,
+            tcp_message_timeout_s=sip.tcp_message_timeout_s,
         )
-        self.rtp = RtpPortPool(settings.rtp.host, settings.rtp.port_min, settings.rtp.port_max)
+        rtp = settings.rtp
+        self.rtp = RtpPortPool(rtp.host, rtp.port_min, rtp.port_max, nat_latch=rtp.nat_latch)
         self.legs: dict[UaCall, SipLeg] = {}
         self.registration_changed: dict[str, asyncio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -259,12 +263,16 @@ class UserAgent:
 
     def _sweep_inactive(self) -> None:
         """Once a second, whatever the media ticks do: RTCP reports that are due, and the end
-        of calls whose peer stopped sending."""
+        of calls whose media cannot be sent or whose peer stopped sending."""
         assert self._loop is not None
         now = self.now
         limit = self.settings.rtp.inactivity_timeout_s
         for call, leg in list(self.legs.items()):
             leg.rtcp_tick(now)
+            if leg.media_unsendable():
+                leg.log.warning("RTP cannot be sent to the peer's media address")
+                self.core.hangup(call, "media-unsendable", now=now)
+                continue
             silent = leg.inactive_for(now)
             if silent > limit:
                 leg.log.warning("no RTP from the peer", extra={"seconds": round(silent, 1)})
