@@ -66,7 +66,9 @@ class Worker:
         self.bus.subscribe(self.sink)
         prompts = self.settings.data_dir / "prompts"
         prompts.mkdir(exist_ok=True)
-        self.fetcher = AudioFetcher(allowed_root=prompts)
+        self.fetcher = AudioFetcher(
+            allowed_root=prompts, allow_private_hosts=self.settings.private_urls_allowed()
+        )
         self.services = SessionServices(
             settings=self.settings,
             synthesizer=EspeakSynthesizer(),

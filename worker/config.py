@@ -86,6 +86,12 @@ class RtpSettings(_Section):
         return self
 
 
+class PromptSettings(_Section):
+    allow_private_urls: bool | None = None
+    """``play`` URLs whose host is loopback or on a private network: None (the default) allows
+    them only when the worker itself listens on loopback (a development host)."""
+
+
 class TrunkSettings(_Section):
     host: str
     port: int = Field(5060, ge=1, le=65535)
@@ -138,6 +144,7 @@ class Settings(BaseSettings):
     log: LogSettings = LogSettings()
     sip: SipSettings = SipSettings()
     rtp: RtpSettings = RtpSettings()
+    prompts: PromptSettings = PromptSettings()
     trunks: dict[str, TrunkSettings] = Field(default_factory=dict)
     routes: list[RouteSettings] = Field(
         default_factory=lambda: [RouteSettings(match="echo", action="echo", record=False)]
@@ -153,6 +160,15 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _TomlValues(settings_cls, _FILE_VALUES.get({})))
+
+    def private_urls_allowed(self) -> bool:
+        """Whether ``play`` may fetch from loopback and private-network hosts."""
+        if self.prompts.allow_private_urls is not None:
+            return self.prompts.allow_private_urls
+        try:
+            return ipaddress.ip_address(self.sip.host).is_loopback
+        except ValueError:
+            return self.sip.host == "localhost"
 
     def route_for(self, number: str) -> RouteSettings | None:
         for route in self.routes:

@@ -565,6 +565,31 @@ class TestJambonzSessionReconnectRule:
         assert outcome.verbs is not None
         assert [v.verb for v in outcome.verbs] == ["hangup"]
 
+    async def test_a_message_over_the_size_limit_is_named_after_the_reconnect(
+        self, control_server: AgentServer
+    ) -> None:
+        """Issue 11 #10: a frame over the limit closes the socket with 1009 (not a bare 1006),
+        the reconnect follows the rule, and the app is told why with jambonz:error."""
+        events: Events[JambonzConnectionEvent] = Events()
+        conn = _control(control_server, events, ack_timeout=3.0, max_size=1024)
+        try:
+            first, _ = await _started_session(control_server, conn)
+            await first.send_json({"type": "command", "command": "redirect", "data": ["x" * 2000]})
+            lost = await events.next_of(ConnectionLost)
+            assert lost.code == 1009
+            assert "exceeds limit" in lost.reason
+            second = await control_server.next_peer()
+            reconnect = await second.recv_json()
+            assert reconnect["type"] == "session:reconnect"
+            await second.ack(reconnect["msgid"])
+            error = await second.recv_json()
+        finally:
+            await conn.close()
+        assert error["type"] == "jambonz:error"
+        assert error["data"]["msg"] == "InvalidMessage"
+        assert error["data"]["details"].startswith("message too big")
+        assert conn.counters()[0] == 1
+
     async def test_drop_before_session_new_ack_moves_it_to_session_reconnect(
         self, control_server: AgentServer
     ) -> None:

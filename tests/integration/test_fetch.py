@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -218,6 +219,20 @@ class TestHttp:
             assert not client.is_closed
 
 
+class TestPrivateHosts:
+    """Issue 11 #10: with ``allow_private_hosts`` off (the setting for a worker that is not on
+    loopback), a URL whose host is loopback or private is refused before any request."""
+
+    @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "10.1.2.3", "[::1]", "169.254.1.1"])
+    async def test_refused(self, host: str, server: Server) -> None:
+        port = urlsplit(server.base).port
+        before = sum(server.hits.values())
+        async with AudioFetcher(allow_private_hosts=False, timeout=1.0) as f:
+            with pytest.raises(FetchError, match="private or local address"):
+                await f.fetch(f"http://{host}:{port}/tone.wav", 8000)
+        assert sum(server.hits.values()) == before
+
+
 class TestLocalFiles:
     @pytest.fixture
     def root(self, tmp_path: Path, audio_files: AudioFiles) -> Path:
@@ -241,11 +256,13 @@ class TestLocalFiles:
 
     @pytest.mark.parametrize("path", ["/etc/passwd", "../outside.wav", "prompts/../../x.wav"])
     async def test_outside_the_root_is_refused(self, path: str, fetcher: AudioFetcher) -> None:
-        with pytest.raises(FetchError, match="outside the allowed directory"):
+        with pytest.raises(FetchError, match="outside the prompts folder") as caught:
             await fetcher.fetch(path, 8000)
+        assert fetcher.allowed_root is not None
+        assert str(fetcher.allowed_root) not in str(caught.value)  # issue 11 #10: no path shown
 
     async def test_file_url_outside_the_root_is_refused(self, fetcher: AudioFetcher) -> None:
-        with pytest.raises(FetchError, match="outside the allowed directory"):
+        with pytest.raises(FetchError, match="outside the prompts folder"):
             await fetcher.fetch("file:///etc/passwd", 8000)
 
     async def test_symlink_out_of_the_root_is_refused(
@@ -254,7 +271,7 @@ class TestLocalFiles:
         elsewhere = tmp_path_factory.mktemp("elsewhere") / "secret.wav"
         elsewhere.write_bytes((root / "prompts" / "tone.wav").read_bytes())
         (root / "prompts" / "link.wav").symlink_to(elsewhere)
-        with pytest.raises(FetchError, match="outside the allowed directory"):
+        with pytest.raises(FetchError, match="outside the prompts folder"):
             await fetcher.fetch("prompts/link.wav", 8000)
 
     async def test_no_root_means_no_local_files(self, root: Path) -> None:

@@ -675,6 +675,7 @@ class TestRfc3261Section15_1ByeFromTheWorker:
                 await worker.ua.close()  # what the worker does on SIGTERM
                 assert call.end is not None
                 assert call.end.cause == "shutdown"
+                assert worker.ua.core.requests_in_flight == 0  # it waited for the BYE's 200
                 result = await caller.wait()
         assert_ok(result)
         assert len(result.received("BYE ")) == 1

@@ -110,10 +110,32 @@ class TestExampleDocumentsEverySetting:
             annotation = field.annotation
             if isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 sections.append(annotation)
-            elif name not in {"trunks", "routes", "log", "sip", "rtp"}:
+            elif name not in {"trunks", "routes", "log", "sip", "rtp", "prompts"}:
                 assert name in mentioned, name
         for model in sections:
             for name in _field_names(model):
-                if name in {"log", "sip", "rtp", "trunks", "routes", "users", "custom_parameters"}:
+                if name in {
+                    "log",
+                    "sip",
+                    "rtp",
+                    "prompts",
+                    "trunks",
+                    "routes",
+                    "users",
+                    "custom_parameters",
+                }:
                     continue
                 assert name in mentioned, f"{model.__name__}.{name} is not documented"
+
+
+class TestPrivatePromptUrls:
+    """Issue 11 #10: ``play`` from private hosts is allowed on a loopback (development) worker
+    only, unless the setting says otherwise."""
+
+    def test_defaults_follow_the_sip_host(self) -> None:
+        assert load_settings(None).private_urls_allowed()
+        assert not load_settings(None, sip={"host": "203.0.113.5"}).private_urls_allowed()
+        assert load_settings(
+            None, sip={"host": "203.0.113.5"}, prompts={"allow_private_urls": True}
+        ).private_urls_allowed()
+        assert not load_settings(None, prompts={"allow_private_urls": False}).private_urls_allowed()

@@ -356,8 +356,10 @@ class TestDialVerb:
         )
         task = asyncio.ensure_future(h.driver.dispatch(verb))
         await h.clock.settle()
-        assert bridge_of(h.session) is other
+        assert bridge_of(h.session) is None  # no media from the far end yet
         other.far_end_answers()
+        await h.clock.settle()
+        assert bridge_of(h.session) is other
         await h.clock.advance(2.5)
         assert task.done()
         assert other.hangups == ["bridge-ended"]
@@ -441,3 +443,56 @@ class TestCallVerbs:
         assert h.session.answered
         await h.driver.dispatch(parse_verb({"verb": "hangup"}))
         assert h.leg.hangups == ["agent-hangup"]
+
+
+class TestDialParallelTargets:
+    """Issue 11 #10: every target is dialled at once; the first to answer wins, the rest are
+    cancelled; with every target failing, a busy one is reported."""
+
+    def dial_two(self) -> tuple[list[FakeLeg], Any]:
+        legs = [FakeLeg(direction="outbound"), FakeLeg(direction="outbound")]
+        placed = iter(legs)
+
+        async def place(*args: Any, **kw: Any) -> FakeLeg:
+            return next(placed)
+
+        return legs, place
+
+    def verb(self) -> Verb:
+        return parse_verb(
+            {
+                "verb": "dial",
+                "target": [
+                    {"type": "phone", "number": "201"},
+                    {"type": "phone", "number": "202"},
+                ],
+                "timeLimit": 1,
+                "actionHook": "/d",
+            }
+        )
+
+    async def test_first_answer_wins(self, tmp_path: Path) -> None:
+        (first, second), place = self.dial_two()
+        h = make_harness(tmp_path, place_call=place)
+        task = asyncio.ensure_future(h.driver.dispatch(self.verb()))
+        await h.clock.settle()
+        second.far_end_answers()
+        await h.clock.settle()
+        assert bridge_of(h.session) is second
+        assert first.hangups == ["cancelled"]
+        await h.clock.advance(1.5)
+        assert task.done()
+        assert h.control.hooks[0][1]["dial_call_status"] == "completed"
+        assert second.hangups == ["bridge-ended"]
+
+    async def test_all_fail(self, tmp_path: Path) -> None:
+        (first, second), place = self.dial_two()
+        h = make_harness(tmp_path, place_call=place)
+        task = asyncio.ensure_future(h.driver.dispatch(self.verb()))
+        await h.clock.settle()
+        first.end(LegEnd("rejected", 503))
+        await h.clock.settle()
+        assert not task.done()
+        second.end(LegEnd("busy", 486))
+        await asyncio.wait_for(task, 2)
+        assert h.control.hooks == [("/d", {"dial_call_status": "busy", "dial_sip_status": 486})]

@@ -104,6 +104,7 @@ DEFAULT_OPEN_TIMEOUT = 5.0
 """Seconds for TCP connect + the WebSocket handshake."""
 DEFAULT_CLOSE_TIMEOUT = 2.0
 """Seconds a close may take (draining the final frames, then the closing handshake)."""
+MESSAGE_TOO_BIG = 1009
 CONTROL_MAX_SIZE = 24 * 1024
 """Largest frame accepted from a jambonz app (``JAMBONES_WS_MAX_PAYLOAD`` default)."""
 AUDIO_MAX_SIZE = 16 * 1024 * 1024
@@ -330,8 +331,13 @@ async def _open_websocket(
 
 
 def _closed_code(ws: ClientConnection) -> tuple[int, str]:
-    code = ws.close_code
-    return (ABNORMAL_CLOSURE if code is None else code), ws.close_reason or ""
+    """Why a socket closed: the peer's close frame, else ours (1009 when the peer sent a frame
+    over the size limit), else 1006 (the connection just dropped)."""
+    protocol = ws.protocol
+    close = protocol.close_rcvd or protocol.close_sent
+    if close is None:
+        return ABNORMAL_CLOSURE, ""
+    return close.code, close.reason
 
 
 async def _cancel_and_wait(*tasks: asyncio.Task[Any] | None) -> None:
@@ -1131,6 +1137,12 @@ class JambonzConnection:
             return None
         code, reason = _closed_code(ws)
         loop = asyncio.get_running_loop()
+        if code == MESSAGE_TOO_BIG:
+            self.log.warning(
+                "agent sent a message over the size limit",
+                extra={"limit": self._max_size, "why": reason},
+            )
+            self.control.message_too_big(reason, loop.time())
         decision = self.control.on_close(code, loop.time())
         self._ws = None
         self._resolve(decision.failed)

@@ -865,6 +865,13 @@ class JambonzControl:
         except _InvalidMessageError as exc:
             return self._invalid(exc.details, data, now)
 
+    def message_too_big(self, details: str, now: float) -> None:
+        """The app sent a frame over the size limit and its socket was closed (1009): tell it
+        why with ``jambonz:error`` once the session is back (the reconnect rule applies)."""
+        self.invalid_messages += 1
+        data = {"msg": "InvalidMessage", "details": f"message too big: {details}", "content": ""}
+        self._submit(self._build("jambonz:error", data, None), now)
+
     def _invalid(self, details: str, content: str, now: float) -> list[ControlEvent]:
         self.invalid_messages += 1
         content = content[:_CONTENT_ECHO_LIMIT].encode("utf-8", "replace").decode("utf-8")

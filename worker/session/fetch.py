@@ -1,12 +1,18 @@
 """Audio fetching for the ``play`` verb: ``AudioFetcher`` downloads an ``http(s)://`` URL or reads
-a local file under one allowed directory, decodes it to PCM at the call's rate, and caches it."""
+a local file under one allowed directory, decodes it to PCM at the call's rate, and caches it.
+
+An agent chooses the URLs, so the fetcher is careful with them: hosts that resolve to loopback,
+private, link-local or otherwise reserved addresses are refused unless ``allow_private_hosts``
+(checked for every request, redirects included), and errors never show local paths."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import re
+import socket
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -60,6 +66,7 @@ class AudioFetcher:
         max_seconds: float = 600.0,
         max_redirects: int = 5,
         cache_max_bytes: int = 64 * _MB,
+        allow_private_hosts: bool = True,
     ) -> None:
         if timeout <= 0 or total_timeout <= 0 or max_bytes <= 0 or max_seconds <= 0:
             raise ValueError("timeout, total_timeout, max_bytes and max_seconds must be positive")
@@ -74,6 +81,7 @@ class AudioFetcher:
         self.max_bytes = max_bytes
         self.max_seconds = max_seconds
         self.max_redirects = max_redirects
+        self.allow_private_hosts = allow_private_hosts
         self.cache: PcmCache[_Key] = PcmCache(cache_max_bytes)
         self._client = client
         self._owns_client = client is None
@@ -175,8 +183,29 @@ class AudioFetcher:
                 timeout=self.timeout,
                 max_redirects=self.max_redirects,
                 headers={"User-Agent": "aispinner-worker"},
+                event_hooks={"request": [self._check_host]},
             )
         return self._client
+
+    async def _check_host(self, request: httpx.Request) -> None:
+        """Refuse a request (the first or a redirect) to a host on a private network."""
+        if self.allow_private_hosts:
+            return
+        host = request.url.host
+        shown = _display(str(request.url))
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                host, request.url.port or 443, type=socket.SOCK_STREAM
+            )
+        except (OSError, UnicodeError) as exc:
+            raise FetchError(f"cannot fetch {shown}: cannot resolve {host!r}") from exc
+        for info in infos:
+            address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+            if not address.is_global:
+                raise FetchError(
+                    f"cannot fetch {shown}: {host} is a private or local address, and "
+                    "prompts.allow_private_urls is off"
+                )
 
     async def _fetch_file(self, raw_path: str, shown: str, sample_rate: int) -> bytes:
         if self.allowed_root is None:
@@ -210,9 +239,9 @@ class AudioFetcher:
         try:
             resolved = candidate.resolve()
         except (OSError, RuntimeError) as exc:
-            raise FetchError(f"cannot play {shown}: {exc}") from exc
+            raise FetchError(f"cannot play {shown}: {type(exc).__name__}") from exc
         if not resolved.is_relative_to(root):
-            raise FetchError(f"cannot play {shown}: outside the allowed directory {root}")
+            raise FetchError(f"cannot play {shown}: outside the prompts folder")
         try:
             stat = resolved.stat()
         except FileNotFoundError:

@@ -1450,6 +1450,11 @@ class UserAgentCore:
         self._events.append(RegistrationChanged(reg))
 
     # -- shutting down ----------------------------------------------------------------------------
+    @property
+    def requests_in_flight(self) -> int:
+        """Requests we sent that have no final response (or failure) yet."""
+        return len(self._clients)
+
     def close(self, now: float) -> None:
         """Hang up every live call (503 for unanswered inbound ones) and stop registering."""
         for call in list(self.calls.values()):

@@ -10,6 +10,7 @@ events to the legs. The rules live in the core; nothing here decides SIP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -43,6 +44,8 @@ IncomingHandler = Callable[[SipLeg], Awaitable[None]]
 
 RESOLVE_TIMEOUT_S = 5.0
 SWEEP_INTERVAL_S = 1.0
+CLOSE_GRACE_S = 2.0
+"""How long ``close`` waits for the answers to the BYEs it sends."""
 log = logging.getLogger("worker.sip.ua")
 
 
@@ -76,6 +79,7 @@ class UserAgent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._pumping = False
         self._again = False
+        self._answered: asyncio.Event | None = None  # set while closing
 
     # -- life cycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -113,10 +117,15 @@ class UserAgent:
     def registrations(self) -> dict[str, Registration]:
         return self.core.registrations
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float = CLOSE_GRACE_S) -> None:
+        """Hang up every call, wait (at most ``grace_s``) for the answers to the BYEs and
+        CANCELs that sends, then stop."""
         if self._loop is not None:
+            self._answered = asyncio.Event()
             self.core.close(self.now)
             self._pump()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._answered.wait(), grace_s)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -188,6 +197,8 @@ class UserAgent:
                     break
         finally:
             self._pumping = False
+        if self._answered is not None and not self.core.requests_in_flight:
+            self._answered.set()  # closing: every BYE has its answer
         at = self.core.next_timeout()
         if at != self._timer_at and self._loop is not None:
             if self._timer is not None:
