@@ -7,7 +7,7 @@ COVERAGE := --cov=media --cov=worker --cov-branch --cov-report=
 # the whole suite ran; a narrowed run (PYTEST_ARGS) only prints the figures.
 COVERAGE_BAR := $(if $(PYTEST_ARGS),,--fail-under 90)
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench fuzz clean
 
 setup:
 	@./scripts/setup.sh
@@ -24,10 +24,15 @@ lint: setup
 demo: setup
 	$(PY) scripts/demo.py $(DEMO_ARGS)
 
+# The fuzz suite alone, longer: FUZZ_EXAMPLES mutated inputs per test (make test runs 300).
+fuzz: setup
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-20000} $(PY) -m pytest tests/fuzz tests/integration/test_fuzz_wire.py $(PYTEST_ARGS)
+
 bench: setup
 	$(PY) scripts/bench_media.py
 	$(PY) scripts/bench_bridge.py
 	$(PY) scripts/bench_sip.py
+	$(PY) scripts/bench_flood.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info .coverage

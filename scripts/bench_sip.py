@@ -41,6 +41,10 @@ from media.g711 import PCMU  # noqa: E402
 from tests.sipp import SCENARIOS, Sipp, SippResult, free_port, port_in_use  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+NO_RATE_LIMIT = """# The per-source limiter would measure itself, not the user agent: out of the way
+# (bench_flood.py measures it).
+rate_limit_per_second = 100000
+rate_limit_burst = 100000"""
 
 
 # -- the worker process -------------------------------------------------------------------------
@@ -49,7 +53,13 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 class WorkerProcess:
     """``aispinner-worker run`` with a temporary config; its JSON log goes to a file."""
 
-    def __init__(self, workdir: Path, rtp_ports: int) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        rtp_ports: int,
+        *,
+        sip_extra: str = NO_RATE_LIMIT,
+    ) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.log_path = workdir / "worker.log"
@@ -66,9 +76,7 @@ format = "json"
 host = "127.0.0.1"
 port = {self.port}
 max_calls = 2000
-# The per-source limiter would measure itself, not the user agent: out of the way.
-rate_limit_per_second = 100000
-rate_limit_burst = 100000
+{sip_extra}
 
 [rtp]
 host = "127.0.0.1"

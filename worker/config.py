@@ -60,6 +60,7 @@ class SipSettings(_Section):
     auth_realm: str = "aispinner"
     users: dict[str, str] = Field(default_factory=dict)
     trusted_sources: list[str] = ["127.0.0.0/8", "::1/128"]
+    max_call_seconds: float = Field(4 * 3600.0, gt=0)
     receive_buffer_bytes: int = Field(4 * 1024 * 1024, ge=65536)
     tcp_max_connections_per_source: int = Field(32, ge=1)
     tcp_message_timeout_s: float = Field(10.0, gt=0)

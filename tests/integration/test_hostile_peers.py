@@ -218,3 +218,20 @@ class TestFinding9SlowTcpClients:
                 closed += 1
                 writer.close()
             assert closed == 8
+
+
+class TestFinding3NoImmortalCalls:
+    """Whatever a call's media does, ``sip.max_call_seconds`` ends it."""
+
+    async def test_session_limit(self, tmp_path: Path) -> None:
+        async with running(tmp_path, sip={"max_call_seconds": 1.5}) as worker:
+            started = time.monotonic()
+            result = await sipp(
+                tmp_path, "sipp", worker.target, "-sf",
+                str(Path(__file__).parent / "scenarios" / "uac_wait_bye.xml"),
+                "-s", "echo", "-m", "1", timeout_s=20,
+            ).run()  # fmt: skip
+            assert_ok(result)
+            _, end = await first_call_ended(worker)
+            assert end.cause == "session-limit"
+            assert 1.5 <= time.monotonic() - started < 4.0

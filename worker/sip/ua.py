@@ -274,15 +274,21 @@ class UserAgent:
 
     def _sweep_inactive(self) -> None:
         """Once a second, whatever the media ticks do: RTCP reports that are due, and the end
-        of calls whose media cannot be sent or whose peer stopped sending."""
+        of calls whose media cannot be sent, that outlived ``sip.max_call_seconds``, or whose
+        peer stopped sending."""
         assert self._loop is not None
         now = self.now
         limit = self.settings.rtp.inactivity_timeout_s
+        max_call = self.settings.sip.max_call_seconds
         for call, leg in list(self.legs.items()):
             leg.rtcp_tick(now)
             if leg.media_unsendable():
                 leg.log.warning("RTP cannot be sent to the peer's media address")
                 self.core.hangup(call, "media-unsendable", now=now)
+                continue
+            if leg.answered_at is not None and now - leg.answered_at > max_call:
+                leg.log.warning("call longer than sip.max_call_seconds")
+                self.core.hangup(call, "session-limit", now=now)
                 continue
             silent = leg.inactive_for(now)
             if silent > limit:
