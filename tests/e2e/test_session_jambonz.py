@@ -36,9 +36,10 @@ from tests.e2e.harness import (
     wait_result,
     wav_bytes,
 )
-from tests.sipp import Sipp
+from tests.sipp import Sipp, SippResult
 from worker.config import RouteSettings
 from worker.events import CallDoneEvent, CallStartedEvent, CallStatusEvent, EventLog
+from worker.session.session import SessionResult
 
 pytestmark = [pytest.mark.sipp]
 
@@ -397,36 +398,46 @@ class TestJambonzDtmfVerb:
         assert done.status == "completed"
 
 
+async def dialled(
+    tmp_path: Path, uas: Sipp, dial: dict[str, Any]
+) -> tuple[SippResult, dict[str, Any], SessionResult, SippResult]:
+    """A SIPp caller whose agent answers with ``dial`` to the far end ``uas`` through the trunk
+    ``far``, then hangs up after the actionHook: (caller's result, the hook, the session's result,
+    the far end's result), both SIPp runs checked to have passed."""
+    async with ScriptedAgent() as agent, uas:
+        await uas.ready()
+        trunks = {"far": {"host": "127.0.0.1", "port": uas.port, "codecs": ["PCMU"]}}
+        routes = [agent_route("*", agent.url("/app"))]
+        async with running_worker(tmp_path / "data", routes, trunks) as worker:
+            sipp = caller(tmp_path / "sipp", worker, "uac_talk_wait_bye", CALLED)
+            async with sipp:
+                ctl = await agent.accept("/app")
+                new = await ctl.next_type("session:new")
+                await ctl.ack(new, [dial])
+                hook = await ctl.next_type("verb:hook", within=10)
+                await ctl.ack(hook, [{"verb": "hangup"}])
+                result = await sipp.wait()
+            assert_sipp_ok(result)
+            done = await wait_result(worker, new["call_sid"])
+        far = await uas.wait()
+    assert_sipp_ok(far)
+    return result, hook, done, far
+
+
 class TestJambonzDialVerb:
     """``dial`` to a phone number through a trunk: the far end (SIPp, echoing) is bridged to the
     caller, so the caller hears their own voice back from it; ``timeLimit`` ends the leg and the
     actionHook gets ``dial_call_status``, ``dial_sip_status``, ``dial_call_duration``."""
 
     async def test_dial_bridges_and_reports(self, tmp_path: Path) -> None:
-        async with ScriptedAgent() as agent, callee(tmp_path / "uas") as uas:
-            await uas.ready()
-            trunks = {"far": {"host": "127.0.0.1", "port": uas.port, "codecs": ["PCMU"]}}
-            routes = [agent_route("*", agent.url("/app"))]
-            async with running_worker(tmp_path / "data", routes, trunks) as worker:
-                sipp = caller(tmp_path / "sipp", worker, "uac_talk_wait_bye", CALLED)
-                async with sipp:
-                    ctl = await agent.accept("/app")
-                    new = await ctl.next_type("session:new")
-                    dial = {
-                        "verb": "dial",
-                        "callerId": "+15550001234",
-                        "target": [{"type": "phone", "number": "+15550002000", "trunk": "far"}],
-                        "timeLimit": 3,
-                        "actionHook": "/dialed",
-                    }
-                    await ctl.ack(new, [dial])
-                    hook = await ctl.next_type("verb:hook", within=8)
-                    await ctl.ack(hook, [{"verb": "hangup"}])
-                    result = await sipp.wait()
-                assert_sipp_ok(result)
-                done = await wait_result(worker, new["call_sid"])
-            far = await uas.wait()
-        assert_sipp_ok(far)
+        dial = {
+            "verb": "dial",
+            "callerId": "+15550001234",
+            "target": [{"type": "phone", "number": "+15550002000", "trunk": "far"}],
+            "timeLimit": 3,
+            "actionHook": "/dialed",
+        }
+        _result, hook, done, far = await dialled(tmp_path, callee(tmp_path / "uas"), dial)
         invite = far.received("INVITE ")[0]
         assert invite.startswith("INVITE sip:+15550002000@127.0.0.1")
         assert "<sip:+15550001234@" in invite
@@ -463,30 +474,15 @@ class TestJambonzDialEarlyMedia:
     async def test_far_end_early_media_is_heard(
         self, tmp_path: Path, answer_on_bridge: bool
     ) -> None:
-        async with ScriptedAgent() as agent, early_media_callee(tmp_path / "uas") as uas:
-            await uas.ready()
-            trunks = {"far": {"host": "127.0.0.1", "port": uas.port, "codecs": ["PCMU"]}}
-            routes = [agent_route("*", agent.url("/app"))]
-            async with running_worker(tmp_path / "data", routes, trunks) as worker:
-                sipp = caller(tmp_path / "sipp", worker, "uac_talk_wait_bye", CALLED)
-                async with sipp:
-                    ctl = await agent.accept("/app")
-                    new = await ctl.next_type("session:new")
-                    dial = {
-                        "verb": "dial",
-                        "target": [{"type": "phone", "number": "+15550002000", "trunk": "far"}],
-                        "answerOnBridge": answer_on_bridge,
-                        "timeLimit": 1,
-                        "actionHook": "/dialed",
-                    }
-                    await ctl.ack(new, [dial])
-                    hook = await ctl.next_type("verb:hook", within=10)
-                    await ctl.ack(hook, [{"verb": "hangup"}])
-                    result = await sipp.wait()
-                assert_sipp_ok(result)
-                done = await wait_result(worker, new["call_sid"])
-            far = await uas.wait()
-        assert_sipp_ok(far)
+        dial = {
+            "verb": "dial",
+            "target": [{"type": "phone", "number": "+15550002000", "trunk": "far"}],
+            "answerOnBridge": answer_on_bridge,
+            "timeLimit": 1,
+            "actionHook": "/dialed",
+        }
+        uas = early_media_callee(tmp_path / "uas")
+        result, hook, done, _far = await dialled(tmp_path, uas, dial)
         assert hook["data"]["dial_call_status"] == "completed"
         if answer_on_bridge:
             progress = result.received("SIP/2.0 183")
