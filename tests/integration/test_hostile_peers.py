@@ -235,3 +235,31 @@ class TestFinding3NoImmortalCalls:
             _, end = await first_call_ended(worker)
             assert end.cause == "session-limit"
             assert 1.5 <= time.monotonic() - started < 4.0
+
+
+class TestFinding1TimersSurviveAFault:
+    """Whatever goes wrong while the user agent's timer fires (here: the core raising once, as
+    a bug or an unsendable destination used to), the timer is re-armed (the adapter pumps after
+    every input whatever happened, and its once-a-second sweep pumps too): an INVITE with no
+    answer keeps being retransmitted."""
+
+    async def test_retransmissions_go_on(self, tmp_path: Path) -> None:
+        async with peer_at() as (trunk, trunk_port):
+            trunks = {"dead": {"host": "127.0.0.1", "port": trunk_port}}
+            async with running(tmp_path, trunks=trunks) as worker:
+                await worker.ua.place_call("dead", "100")
+                await eventually(lambda: len(trunk.received) >= 1)
+                core = worker.ua.core
+                real = core.handle_timeout
+                faults: list[float] = []
+
+                def once_broken(now: float) -> None:
+                    if not faults:
+                        faults.append(now)
+                        raise RuntimeError("a bug the timer found")
+                    real(now)
+
+                core.handle_timeout = once_broken  # type: ignore[method-assign]
+                await eventually(lambda: bool(faults), within=3.0)
+                before = len(trunk.received)
+                await eventually(lambda: len(trunk.received) > before, within=3.0)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
+from worker.log import LogThrottle
 from worker.sip.message import (
     Message,
     SipMessageError,
@@ -143,6 +144,7 @@ class SipTransport:
         self.tcp_message_timeout_s = tcp_message_timeout_s
         self.receive_buffer_granted = 0
         self._sweep: asyncio.TimerHandle | None = None
+        self._throttle = LogThrottle()
         self.port = port
         self.on_message = on_message
         self.on_error = on_error
@@ -277,7 +279,16 @@ class SipTransport:
 
     def _failed(self, destination: Address, reason: str, on_failure: SendFailed | None) -> None:
         self.counters.send_failures += 1
-        log.warning("sip send failed", extra={"destination": repr(destination), "why": reason})
+        skipped = self._throttle.allow("send failed", asyncio.get_running_loop().time())
+        if skipped is not None:
+            log.warning(
+                "sip send failed",
+                extra={
+                    "destination": repr(destination),
+                    "why": reason,
+                    "similar_lines_skipped": skipped,
+                },
+            )
         if on_failure is not None:
             on_failure(reason)
 

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 from worker.config import Settings
@@ -155,24 +155,35 @@ class UserAgent:
 
     # -- inputs ----------------------------------------------------------------------------------
     def _on_message(self, message: Message, source: Address, transport: Transport) -> None:
-        self.core.receive(message, source, transport, self.now)
-        self._pump()
+        with self._pumped("message"):
+            self.core.receive(message, source, transport, self.now)
 
     def _on_parse_error(
         self, error: SipMessageError, source: Address, transport: Transport
     ) -> None:
-        self.core.parse_error(error, source, transport, self.now)
-        self._pump()
+        with self._pumped("parse error"):
+            self.core.parse_error(error, source, transport, self.now)
 
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self.core.handle_timeout(self.now)
-        self._pump()
+        with self._pumped("timer"):
+            self.core.handle_timeout(self.now)
 
     def _send_failed(self, transaction_id: str, reason: str) -> None:
-        self.core.transport_failed(transaction_id, reason, self.now)
-        self._pump()
+        with self._pumped("send failure"):
+            self.core.transport_failed(transaction_id, reason, self.now)
+
+    @contextlib.contextmanager
+    def _pumped(self, what: str) -> Iterator[None]:
+        """Run one input through the core, then pump, whatever happened: a bug the input finds
+        is logged, and the core's timer is always re-armed."""
+        try:
+            yield
+        except Exception:
+            log.exception("sip core failed on an input", extra={"input": what})
+        finally:
+            self._pump()
 
     # -- the pump ----------------------------------------------------------------------------------
     def _pump(self) -> None:
