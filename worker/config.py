@@ -112,6 +112,57 @@ class TrunkSettings(_Section):
         return _check_networks(value)
 
 
+AsteriskCodec = Literal["ulaw", "alaw", "g722", "slin16"]
+
+
+class AriTrunkSettings(_Section):
+    """A SIP trunk the worker pushes into Asterisk at runtime (PJSIP auth, aor, endpoint,
+    identify and registration objects through ARI dynamic configuration)."""
+
+    host: str
+    port: int = Field(5060, ge=1, le=65535)
+    transport: Literal["udp", "tcp"] = "udp"
+    username: str | None = None
+    password: str | None = None
+    registration: bool = False
+    registration_expires_s: int = Field(3600, ge=60)
+    from_user: str | None = None
+    from_domain: str | None = None
+    codecs: list[AsteriskCodec] = ["ulaw", "alaw"]
+    context: str = "from-trunk"
+    match: list[str] = Field(default_factory=list)
+    """Source addresses whose calls are this trunk's (PJSIP identify); empty: ``host``."""
+
+
+class AriSettings(_Section):
+    """Asterisk's REST Interface: where it is, who we are, how calls' media leaves Asterisk."""
+
+    url: str = "http://127.0.0.1:8088"
+    username: str = "aispinner"
+    password: str = "aispinner"
+    app: str = "aispinner"
+    media_format: Literal["slin16", "ulaw"] = "slin16"
+    media_host: str | None = None
+    """The address Asterisk sends ExternalMedia RTP to (a port of the worker's RTP range on
+    it); default: ``rtp.host``."""
+    bridge_type: Literal["mixing,dtmf_events", "mixing,proxy_media"] = "mixing,dtmf_events"
+    request_timeout_s: float = Field(5.0, gt=0)
+    reconnect_max_s: float = Field(30.0, ge=1)
+    trunks: dict[str, AriTrunkSettings] = Field(default_factory=dict)
+    asterisk_sip_host: str = "0.0.0.0"
+    asterisk_sip_port: int = Field(5060, ge=1, le=65535)
+    asterisk_rtp_port_min: int = Field(10000, ge=1024, le=65534)
+    asterisk_rtp_port_max: int = Field(19999, ge=1025, le=65535)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AriSettings:
+        if self.asterisk_rtp_port_max <= self.asterisk_rtp_port_min:
+            raise ValueError("ari.asterisk_rtp_port_max must be above asterisk_rtp_port_min")
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"ari.url must start with http:// or https://, not {self.url!r}")
+        return self
+
+
 class RouteSettings(_Section):
     """Where calls to a dialled number go: the built-in echo, or a voice agent."""
 
@@ -147,6 +198,9 @@ class Settings(BaseSettings):
     rtp: RtpSettings = RtpSettings()
     prompts: PromptSettings = PromptSettings()
     trunks: dict[str, TrunkSettings] = Field(default_factory=dict)
+    ingress: list[Literal["sip", "ari"]] = ["sip"]
+    """Where calls come from: the worker's own SIP user agent, Asterisk over ARI, or both."""
+    ari: AriSettings = AriSettings()
     routes: list[RouteSettings] = Field(
         default_factory=lambda: [RouteSettings(match="echo", action="echo", record=False)]
     )
@@ -161,6 +215,21 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _TomlValues(settings_cls, _FILE_VALUES.get({})))
+
+    @model_validator(mode="after")
+    def _asterisk_rtp_apart(self) -> Settings:
+        ari, rtp = self.ari, self.rtp
+        if "ari" in self.ingress and not (
+            ari.asterisk_rtp_port_max < rtp.port_min or ari.asterisk_rtp_port_min > rtp.port_max
+        ):
+            raise ValueError(
+                f"ari.asterisk_rtp_port_min..max ({ari.asterisk_rtp_port_min}-"
+                f"{ari.asterisk_rtp_port_max}) overlaps rtp.port_min..max ({rtp.port_min}-"
+                f"{rtp.port_max}): Asterisk and the worker would fight for ports"
+            )
+        if not self.ingress:
+            raise ValueError("ingress must name at least one of sip, ari")
+        return self
 
     def private_urls_allowed(self) -> bool:
         """Whether ``play`` may fetch from loopback and private-network hosts."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from worker.config import RouteSettings, Settings, TrunkSettings, load_settings
+from worker.config import AriTrunkSettings, RouteSettings, Settings, TrunkSettings, load_settings
 from worker.errors import ConfigError
 
 EXAMPLE = Path(__file__).parents[2] / "config" / "worker.example.toml"
@@ -105,12 +105,12 @@ class TestExampleDocumentsEverySetting:
     def test_every_field_is_mentioned(self) -> None:
         text = EXAMPLE.read_text()
         mentioned = set(re.findall(r"^#?\s*([a-z0-9_]+)\s*=", text, flags=re.MULTILINE))
-        sections: list[type[BaseModel]] = [Settings, TrunkSettings, RouteSettings]
+        sections: list[type[BaseModel]] = [Settings, TrunkSettings, RouteSettings, AriTrunkSettings]
         for name, field in Settings.model_fields.items():
             annotation = field.annotation
             if isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 sections.append(annotation)
-            elif name not in {"trunks", "routes", "log", "sip", "rtp", "prompts"}:
+            elif name not in {"trunks", "routes", "log", "sip", "rtp", "prompts", "ari"}:
                 assert name in mentioned, name
         for model in sections:
             for name in _field_names(model):
@@ -123,6 +123,7 @@ class TestExampleDocumentsEverySetting:
                     "routes",
                     "users",
                     "custom_parameters",
+                    "ari",
                 }:
                     continue
                 assert name in mentioned, f"{model.__name__}.{name} is not documented"
