@@ -99,8 +99,9 @@ def alaw_decode(data: bytes) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
-class G711Codec:
-    """One G.711 variant as negotiated in SDP: its encoding name, static payload type, functions."""
+class AudioCodec:
+    """An RTP audio codec: its encoding name, payload type, functions between its payload and
+    16-bit little-endian PCM at ``clock_rate``. G.711 here; linear 16 kHz in ``media.l16``."""
 
     name: str
     payload_type: int
@@ -109,17 +110,17 @@ class G711Codec:
     clock_rate: int = SAMPLE_RATE
 
 
-PCMU = G711Codec("PCMU", PT_PCMU, ulaw_encode, ulaw_decode)
-PCMA = G711Codec("PCMA", PT_PCMA, alaw_encode, alaw_decode)
+PCMU = AudioCodec("PCMU", PT_PCMU, ulaw_encode, ulaw_decode)
+PCMA = AudioCodec("PCMA", PT_PCMA, alaw_encode, alaw_decode)
 _BY_PAYLOAD_TYPE = {PT_PCMU: PCMU, PT_PCMA: PCMA}
 _BY_NAME = {"PCMU": PCMU, "PCMA": PCMA}
 
 
-def codec_for_payload_type(payload_type: int) -> G711Codec | None:
+def codec_for_payload_type(payload_type: int) -> AudioCodec | None:
     """The G.711 codec of a static RTP payload type (0 or 8), or None."""
     return _BY_PAYLOAD_TYPE.get(payload_type)
 
 
-def codec_for_name(name: str) -> G711Codec | None:
+def codec_for_name(name: str) -> AudioCodec | None:
     """The G.711 codec of an SDP encoding name (``PCMU``/``PCMA``, any case), or None."""
     return _BY_NAME.get(name.upper())

@@ -1,5 +1,8 @@
-"""One call leg's media, sans-I/O: RTP in → (RFC 4733 | jitter buffer → G.711 decode) → 20 ms PCM
-frames on the media tick; 20 ms PCM frames (or queued DTMF) → G.711 encode → RTP out.
+"""One call leg's media, sans-I/O: RTP in → (RFC 4733 | decode → jitter buffer) → 20 ms PCM
+frames on the media tick; 20 ms PCM frames (or queued DTMF) → encode → RTP out.
+
+PCM is at the codec's clock rate: 8 kHz for G.711 (the SIP legs), 16 kHz for Asterisk's
+``slin16`` (``media.l16``, the ExternalMedia legs); ``frame_bytes`` is one 20 ms frame of it.
 
 The leg's asyncio adapter calls ``receive(packet, now)`` for each packet and, on every 20 ms tick,
 ``pull_frame(now)`` for the caller's audio and ``send_frame(pcm)`` for what the caller should hear.
@@ -16,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from media.dtmf import DtmfDigit, DtmfFrame, DtmfReceiver, DtmfSender
-from media.g711 import G711Codec
+from media.g711 import AudioCodec
 from media.jitter import Gap, JitterBuffer, JitterStats
 from media.rtp import RtpPacket, RtpSender
 
@@ -24,7 +27,6 @@ FRAME_MS = 20
 SAMPLE_RATE = 8000
 FRAME_SAMPLES = SAMPLE_RATE * FRAME_MS // 1000
 FRAME_BYTES = FRAME_SAMPLES * 2
-_MAX_PENDING_BYTES = FRAME_BYTES * 10  # 200 ms of decoded audio waiting for ticks, at most
 
 
 @dataclass(slots=True)
@@ -39,11 +41,12 @@ class StreamCounters:
 
 
 class RtpStream:
-    """Media for one negotiated RTP session with a G.711 codec and optional telephone-event."""
+    """Media for one negotiated RTP session with one codec and optional telephone-event. A
+    re-negotiated codec (``set_codec``) must keep the clock rate."""
 
     def __init__(
         self,
-        codec: G711Codec,
+        codec: AudioCodec,
         telephone_event_pt: int | None = None,
         *,
         jitter_min_ms: float = 40.0,
@@ -52,15 +55,20 @@ class RtpStream:
     ) -> None:
         self.codec = codec
         self.telephone_event_pt = telephone_event_pt
+        rate = codec.clock_rate
+        self.rate = rate
+        self.frame_samples = rate * FRAME_MS // 1000
+        self.frame_bytes = self.frame_samples * 2
+        self._max_pending = self.frame_bytes * 10  # 200 ms of decoded audio waiting for ticks
         self.jitter = JitterBuffer(
-            SAMPLE_RATE, min_ms=jitter_min_ms, max_ms=jitter_max_ms, samples_of=_pcm_samples
+            rate, min_ms=jitter_min_ms, max_ms=jitter_max_ms, samples_of=_pcm_samples
         )
         self.sender = RtpSender(codec.payload_type, secrets.randbits(32) if ssrc is None else ssrc)
-        self._dtmf_in = DtmfReceiver(SAMPLE_RATE)
+        self._dtmf_in = DtmfReceiver(rate)
         self._dtmf_out = (
-            DtmfSender(telephone_event_pt, SAMPLE_RATE) if telephone_event_pt is not None else None
+            DtmfSender(telephone_event_pt, rate) if telephone_event_pt is not None else None
         )
-        self._decoders: dict[int, G711Codec] = {codec.payload_type: codec}  # every one negotiated
+        self._decoders: dict[int, AudioCodec] = {codec.payload_type: codec}  # every one negotiated
         self._decoded = _Decoded()
         self._dtmf_queue: deque[DtmfFrame] = deque()
         self._dtmf_start = 0
@@ -68,8 +76,12 @@ class RtpStream:
         self._first_packet = True
         self.counters = StreamCounters()
 
-    def set_codec(self, codec: G711Codec, telephone_event_pt: int | None) -> None:
+    def set_codec(self, codec: AudioCodec, telephone_event_pt: int | None) -> None:
         """Use a re-negotiated codec from now on (sending and receiving)."""
+        if codec.clock_rate != self.rate:
+            raise ValueError(
+                f"{codec.name} runs at {codec.clock_rate} Hz, this stream at {self.rate}"
+            )
         if codec is not self.codec:
             self._decoders[codec.payload_type] = codec
             self.codec = codec
@@ -77,7 +89,7 @@ class RtpStream:
         if telephone_event_pt != self.telephone_event_pt:
             self.telephone_event_pt = telephone_event_pt
             self._dtmf_out = (
-                DtmfSender(telephone_event_pt, SAMPLE_RATE)
+                DtmfSender(telephone_event_pt, self.rate)
                 if telephone_event_pt is not None
                 else None
             )
@@ -117,20 +129,21 @@ class RtpStream:
         """The caller's next 20 ms of PCM due at ``now`` (loss concealed with silence), or None
         when the peer is not sending (before the first packet, or after a long silence)."""
         pending = self._pending
+        frame_bytes = self.frame_bytes
         for item in self.jitter.pop(now):
             if isinstance(item, Gap):
                 pending += bytes(item.samples * 2)
             else:
                 pending += item.payload
-        if len(pending) > _MAX_PENDING_BYTES:
-            excess = len(pending) - _MAX_PENDING_BYTES
-            excess -= excess % FRAME_BYTES
+        if len(pending) > self._max_pending:
+            excess = len(pending) - self._max_pending
+            excess -= excess % frame_bytes
             del pending[:excess]
             self.counters.pending_dropped_bytes += excess
-        if len(pending) < FRAME_BYTES:
+        if len(pending) < frame_bytes:
             return None
-        frame = bytes(pending[:FRAME_BYTES])
-        del pending[:FRAME_BYTES]
+        frame = bytes(pending[:frame_bytes])
+        del pending[:frame_bytes]
         self.counters.frames_in += 1
         return frame
 
@@ -150,7 +163,7 @@ class RtpStream:
 
     def send_frame(self, pcm: bytes) -> bytes:
         """The RTP packet carrying this tick's 20 ms: the next DTMF frame if one is queued,
-        else ``pcm`` encoded (which must be one frame of 8 kHz PCM)."""
+        else ``pcm`` encoded (which must be one frame, ``frame_bytes``, at the codec's rate)."""
         marker = self._first_packet
         self._first_packet = False
         queue = self._dtmf_queue
@@ -166,7 +179,7 @@ class RtpStream:
                 timestamp=self._dtmf_start,
             )
         self.counters.frames_out += 1
-        return self.sender.build(self.codec.encode(pcm), FRAME_SAMPLES, marker)
+        return self.sender.build(self.codec.encode(pcm), self.frame_samples, marker)
 
 
 def _pcm_samples(pcm: bytes) -> int:

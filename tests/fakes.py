@@ -67,6 +67,8 @@ class FakeLeg:
         self.answered = False
         self.ended = False
         self.rang: list[bool] = []
+        self.native_bridge = False  # whether connect() bridges inside the carrier
+        self.connected_to: list[Leg] = []
         self.hangups: list[str] = []
         self.hangup_statuses: list[int] = []
         self.dtmf_sent: list[tuple[str, int, float]] = []
@@ -146,6 +148,10 @@ class FakeLeg:
 
     def quality(self) -> MediaQuality:
         return MediaQuality(packets_in=len(self.frames_sent))
+
+    def connect(self, other: Leg) -> bool:
+        self.connected_to.append(other)
+        return self.native_bridge
 
 
 class FakeFetcher:

@@ -1,10 +1,12 @@
 """The composition root: builds the worker's parts once from settings and wires them together.
 
-``Worker`` owns the media pacer, the SIP user agent, the event bus and the routing of new calls;
-``run_forever`` is what ``aispinner-worker run`` calls. Routes: ``echo`` answers and returns the
-caller's audio (like Asterisk's Echo()), ``reject`` refuses with 403, ``agent`` bridges to a voice
-agent. Echo and agent calls both run as a ``CallSession`` (recorded when the route says so,
-their events published); only the driver differs.
+``Worker`` owns the media pacer, the ingresses (the SIP user agent, the Stasis application in
+Asterisk, or both: ``ingress``), the RTP ports they share, the event bus and the routing of new
+calls, which is the same for both; ``run_forever`` is what ``aispinner-worker run`` calls.
+Routes: ``echo`` answers and returns the caller's audio (like Asterisk's Echo()), ``reject``
+refuses with 403, ``agent`` bridges to a voice agent. Echo and agent calls both run as a
+``CallSession`` (recorded when the route says so, their events published); only the driver
+differs.
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ from collections import deque
 
 import uvloop
 
+from worker.ari.client import AriAuthError
+from worker.ari.stasis import StasisApp
 from worker.config import RouteSettings, Settings
+from worker.errors import ConfigError
 from worker.events.bus import EventBus, JsonlSink
 from worker.legs import Leg
 from worker.log import setup_logging
 from worker.pacer import MediaPacer
+from worker.rtp import RtpPortPool
 from worker.session.clock import LoopClock
 from worker.session.drivers import driver_for
 from worker.session.fetch import AudioFetcher
@@ -46,6 +52,9 @@ class Worker:
         self.settings = settings
         self.pacer: MediaPacer | None = None
         self.ua: UserAgent | None = None
+        self.stasis: StasisApp | None = None
+        rtp = settings.rtp
+        self.ports = RtpPortPool(rtp.host, rtp.port_min, rtp.port_max, nat_latch=rtp.nat_latch)
         self.bus = EventBus()
         self.sink: JsonlSink | None = None
         self.services: SessionServices | None = None
@@ -61,7 +70,10 @@ class Worker:
         loop = asyncio.get_running_loop()
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.pacer = MediaPacer(loop)
-        self.ua = UserAgent(self.settings, self.on_incoming)
+        if "sip" in self.settings.ingress:
+            self.ua = UserAgent(self.settings, self.on_incoming, ports=self.ports)
+        if "ari" in self.settings.ingress:
+            self.stasis = StasisApp(self.settings, self.ports, self.on_incoming)
         self.sink = JsonlSink(self.settings.data_dir / "events.jsonl")
         self.bus.subscribe(self.sink)
         prompts = self.settings.data_dir / "prompts"
@@ -75,19 +87,31 @@ class Worker:
             fetcher=self.fetcher,
             publish=self.bus.publish,
             pacer=self.pacer,
-            place_call=self.ua.place_call,
+            place_call=self.place_call,
             clock=LoopClock(loop),
         )
         sip = self.settings.sip
-        try:
-            await self.ua.start()
-        except OSError as exc:
-            await self.close()
-            raise StartError(
-                f"cannot listen for SIP on {sip.host}:{sip.port} ({exc.strerror or exc}): "
-                "set sip.host / sip.port (AISPINNER_SIP__HOST / AISPINNER_SIP__PORT) "
-                "to a free address"
-            ) from exc
+        if self.ua is not None:
+            try:
+                await self.ua.start()
+            except OSError as exc:
+                await self.close()
+                raise StartError(
+                    f"cannot listen for SIP on {sip.host}:{sip.port} ({exc.strerror or exc}): "
+                    "set sip.host / sip.port (AISPINNER_SIP__HOST / AISPINNER_SIP__PORT) "
+                    "to a free address"
+                ) from exc
+        if self.stasis is not None:
+            try:
+                await self.stasis.start()
+            except AriAuthError as exc:
+                await self.close()
+                raise StartError(
+                    f"Asterisk at {self.settings.ari.url} refused the ARI credentials "
+                    f"({exc.status} {exc.message}): set ari.username / ari.password "
+                    "(AISPINNER_ARI__USERNAME / AISPINNER_ARI__PASSWORD) to a user of its "
+                    "ari.conf"
+                ) from exc
 
     async def close(self) -> None:
         """Hang up every call, let their sessions report the end to their agents (bounded by
@@ -96,6 +120,8 @@ class Worker:
             return
         self._closed = True
         await self._end_sessions()
+        if self.stasis is not None:
+            await self.stasis.close()
         if self.ua is not None:
             await self.ua.close()
         if self.pacer is not None:
@@ -137,10 +163,38 @@ class Worker:
         self, trunk: str, number: str, route: RouteSettings, *, from_user: str | None = None
     ) -> SessionResult:
         """Place a call through ``trunk`` and, once answered, bridge it to the route's agent.
-        Returns when the call has ended (unanswered calls end as busy, no-answer or failed)."""
-        assert self.ua is not None
-        leg = await self.ua.place_call(trunk, number, from_user=from_user)
+        Returns when the call has ended (unanswered calls end as busy, no-answer or failed).
+        A trunk of ``trunks`` goes through the SIP user agent; any other name is an Asterisk
+        endpoint (``PJSIP/<number>@<trunk>``) when the ARI ingress is on."""
+        if self.ua is not None and trunk in self.settings.trunks:
+            leg: Leg = await self.ua.place_call(trunk, number, from_user=from_user)
+        elif self.stasis is not None:
+            leg = await self.stasis.place_call(trunk, number, from_user=from_user)
+        else:
+            raise ConfigError(f"no trunk named {trunk!r}")
         return await self.run_session(leg, route)
+
+    async def place_call(
+        self,
+        trunk: str,
+        number: str,
+        /,
+        *,
+        from_user: str | None = None,
+        ring_timeout_s: float = 60.0,
+        near: Leg | None = None,
+    ) -> Leg:
+        """A ``dial``'s far leg: through Asterisk for an Asterisk call (joined to its bridge
+        there, so its audio stays in Asterisk), else through the SIP user agent."""
+        if near is not None and self.stasis is not None and self.stasis.owns(near):
+            return await self.stasis.place_call(
+                trunk, number, from_user=from_user, ring_timeout_s=ring_timeout_s, media=False
+            )
+        if self.ua is None:
+            raise ConfigError("dial from a SIP call needs the sip ingress")
+        return await self.ua.place_call(
+            trunk, number, from_user=from_user, ring_timeout_s=ring_timeout_s
+        )
 
     async def run_session(self, leg: Leg, route: RouteSettings) -> SessionResult:
         assert self.services is not None

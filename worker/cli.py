@@ -1,4 +1,5 @@
-"""The ``aispinner-worker`` command line: run the worker, check and show its settings."""
+"""The ``aispinner-worker`` command line: run the worker, check and show its settings, render the
+Asterisk configuration the ARI ingress needs."""
 
 from __future__ import annotations
 
@@ -29,6 +30,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("run", help="run the worker until interrupted (SIGINT/SIGTERM)")
     sub.add_parser("config", help="validate the settings and print them as JSON")
+    render = sub.add_parser(
+        "asterisk-config",
+        help="write the Asterisk configuration for the ARI ingress, rendered from the settings",
+    )
+    render.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="folder to write the files into"
+    )
     return parser
 
 
@@ -40,12 +48,41 @@ def _load(config: Path | None) -> Settings:
         raise SystemExit(2) from exc
 
 
+def _asterisk_config(settings: Settings, out: Path) -> int:
+    from worker.asterisk_config import write
+
+    try:
+        paths = write(settings, out)
+    except ConfigError as exc:
+        print(f"aispinner-worker: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    except OSError as exc:
+        print(f"aispinner-worker: cannot write into {out}: {exc}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(f"wrote {path}")
+    if "ari" in settings.ingress:
+        run = f"run the worker with these settings (ingress = {json.dumps(settings.ingress)})"
+    else:
+        run = 'set ingress = ["ari"] (or ["sip", "ari"]) in these settings and run the worker'
+    print(
+        "\nnext steps:\n"
+        "  1. copy these files into /etc/asterisk (back up the ones they replace)\n"
+        "  2. restart Asterisk, which reads sorcery.conf only at start"
+        " (systemctl restart asterisk)\n"
+        f"  3. {run}"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = _load(args.config)
     if args.command == "config":
         print(json.dumps(settings.model_dump(mode="json"), indent=2))
         return 0
+    if args.command == "asterisk-config":
+        return _asterisk_config(settings, args.out)
     if args.command == "run":
         from worker.app import run_forever
 

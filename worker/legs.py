@@ -1,5 +1,5 @@
 """The seam between a call session and the telephony side of a call: the ``Leg`` protocol every
-ingress implements (``worker.sip.leg.SipLeg`` today; the ARI leg next), the frozen ``LegInfo``
+ingress implements (``worker.sip.leg.SipLeg``, ``worker.ari.leg.AriLeg``), the frozen ``LegInfo``
 a session reads about its call, and the events a leg reports. ``worker.session`` imports this
 module and never ``worker.sip`` or ``worker.ari``.
 
@@ -196,6 +196,11 @@ class Leg(Protocol):
 
     def quality(self) -> MediaQuality:
         """The media figures so far."""
+
+    def connect(self, other: Leg) -> bool:
+        """Join ``other``'s audio to this leg's where both are carried (an Asterisk bridge), so
+        it never passes through the worker; False when the carrier cannot (SIP legs), and the
+        session then carries the frames between them itself."""
 
 
 class LegWatch:

@@ -32,7 +32,8 @@ NAT_LATCH_PACKETS = 3
 
 
 class PacketReceiver(Protocol):
-    """Who gets a leg's RTP and RTCP: ``worker.sip.leg.SipLeg``."""
+    """Who gets a leg's RTP and RTCP: ``worker.sip.leg.SipLeg``, or
+    ``worker.ari.media.ExternalMedia``."""
 
     def rtp_received(self, packet: RtpPacket, now: float) -> None: ...
 
@@ -155,9 +156,15 @@ class RtpEndpoint(asyncio.DatagramProtocol):
     def attach(self, receiver: PacketReceiver) -> None:
         self._receiver = receiver
 
-    def set_remote(self, remote: Address) -> None:
+    def set_remote(self, remote: Address, *, exact: bool = False) -> None:
         """Send to ``remote`` (the address of the peer's SDP). If it differs from the address
-        the peer gave before, the peer's media moved: forget the latched source."""
+        the peer gave before, the peer's media moved: forget the latched source. With ``exact``
+        (an Asterisk ExternalMedia channel, whose address is known for certain) the latch is
+        ``remote`` at once: no other source, even on the same host, is ever taken."""
+        if exact:
+            self.remote = self.latched = remote
+            self._former = None
+            return
         if remote == self.remote:
             return
         if self.remote is not None and self.latched is not None:

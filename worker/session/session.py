@@ -79,7 +79,8 @@ class PromptSource(Protocol):
 
 
 class PlaceCall(Protocol):
-    """Places an outbound call through a trunk (the SIP user agent's ``place_call``)."""
+    """Places an outbound call through a trunk (``Worker.place_call``): through the SIP user
+    agent, or through Asterisk when ``near`` (the call the new leg is for) is an Asterisk call."""
 
     def __call__(
         self,
@@ -89,6 +90,7 @@ class PlaceCall(Protocol):
         *,
         from_user: str | None = ...,
         ring_timeout_s: float = ...,
+        near: Leg | None = ...,
     ) -> Awaitable[Leg]: ...
 
 
@@ -345,8 +347,14 @@ class CallSession:
         self.leg.hangup(cause, status, reason)
 
     def bridge_to(self, leg: Leg | None) -> None:
-        """Bridge the caller's audio with ``leg`` (a ``dial``'s far leg) from the next tick;
-        None ends the bridge."""
+        """Bridge the caller's audio with ``leg`` (a ``dial``'s far leg): inside the carrier
+        when the call's leg can (``Leg.connect``: an Asterisk bridge), else frame by frame from
+        the next tick. None ends a frame-by-frame bridge (a carrier's bridge ends with the far
+        leg's hangup)."""
+        if leg is not None and self.leg.connect(leg):
+            self.log.info("bridged inside the carrier")
+            self.bridge = None
+            return
         self.bridge = leg
 
     async def wait_ended(self) -> LegEnd:

@@ -26,6 +26,7 @@ from worker.legs import (
     Address,
     CallFailedError,
     DtmfMethod,
+    Leg,
     LegAnswered,
     LegDtmf,
     LegEarlyMedia,
@@ -218,6 +219,10 @@ class SipLeg:
             rtcp_in=counters.rtcp_in,
             rtcp_out=counters.rtcp_out,
         )
+
+    def connect(self, other: Leg) -> bool:
+        """SIP legs are bridged by the session, frame by frame."""
+        return False
 
     # -- what the user agent calls ----------------------------------------------------------------
     def apply_media(self, media: NegotiatedMedia, now: float) -> None:

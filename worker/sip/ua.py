@@ -52,7 +52,13 @@ log = logging.getLogger("worker.sip.ua")
 class UserAgent:
     """See the module docstring. ``on_incoming(leg)`` decides what to do with each new call."""
 
-    def __init__(self, settings: Settings, on_incoming: IncomingHandler | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        on_incoming: IncomingHandler | None = None,
+        *,
+        ports: RtpPortPool | None = None,
+    ) -> None:
         self.settings = settings
         sip = settings.sip
         self.on_incoming = on_incoming
@@ -69,7 +75,9 @@ class UserAgent:
             tcp_message_timeout_s=sip.tcp_message_timeout_s,
         )
         rtp = settings.rtp
-        self.rtp = RtpPortPool(rtp.host, rtp.port_min, rtp.port_max, nat_latch=rtp.nat_latch)
+        self.rtp = ports or RtpPortPool(
+            rtp.host, rtp.port_min, rtp.port_max, nat_latch=rtp.nat_latch
+        )
         self.legs: dict[UaCall, SipLeg] = {}
         self.registration_changed: dict[str, asyncio.Event] = {}
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -99,6 +99,7 @@ async def _place(
             target.number,
             from_user=verb.caller_id or session.leg.info.from_user,
             ring_timeout_s=ring_timeout,
+            near=session.leg,
         )
     except WorkerError as exc:
         driver.verb_error(str(exc), verb)

@@ -1,0 +1,424 @@
+"""``StasisApp``: the worker's Stasis application in one Asterisk. It keeps the events WebSocket
+connected, routes each event to the leg whose channel or bridge it names, starts a call (an
+``AriLeg`` handed to the same router as SIP calls) when a channel enters the application with
+``inbound``, and places calls through Asterisk (originate).
+
+Connection: ``/ari/events?app=<app>&subscribeAll=false`` with the ARI user's credentials. When it
+drops or cannot be made, it is tried again after 1, 2, 4 ... ``ari.reconnect_max_s`` seconds;
+each kind of failure is logged once at warning level until the connection comes back. Calls keep
+their audio meanwhile (their media never depended on the socket). After every connect the
+application pushes the configured trunks and resyncs, since Asterisk replays nothing: legs whose
+channel left the application during the gap end as Asterisk ended them, channels in the
+application that the worker does not know are adopted (an inbound call still ringing) or hung up
+(left over from an earlier worker process), and bridges it does not know are destroyed.
+
+A second client subscribing to the same application takes it over (Asterisk sends
+``ApplicationReplaced`` and nothing more): the worker logs it as an error and waits the longest
+backoff before taking it back, so two workers configured alike do not fight every second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import websockets
+from websockets.exceptions import InvalidHandshake, InvalidStatus
+
+from worker.ari.client import AriClient, AriError, AriNotFoundError, AriUnreachableError
+from worker.ari.leg import AriLeg
+from worker.ari.media import ExternalMedia
+from worker.ari.models import (
+    ApplicationReplaced,
+    AriEvent,
+    AriProtocolError,
+    BridgeDestroyed,
+    Channel,
+    ChannelEnteredBridge,
+    ChannelLeftBridge,
+    Dial,
+    StasisStart,
+    UnknownEvent,
+    parse_event,
+)
+from worker.ari.trunks import push_trunks
+from worker.config import AriSettings, Settings
+from worker.errors import RemoteError
+from worker.legs import Leg
+from worker.log import LogThrottle, call_logger
+from worker.rtp import RtpPortPool
+
+log = logging.getLogger("worker.ari")
+
+IncomingHandler = Callable[[Leg], Awaitable[None]]
+_DIALABLE = re.compile(r"[A-Za-z0-9+*#._-]{1,64}")
+_MAX_EVENT_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class StasisCounters:
+    events: int = 0
+    unknown_events: int = 0
+    invalid_events: int = 0
+    unrouted_events: int = 0
+    connects: int = 0
+    adopted: int = 0
+    orphans_removed: int = 0
+
+
+class StasisApp:
+    """See the module docstring. ``start`` checks the credentials and starts the connection
+    loop; ``close`` stops it and waits for the legs' cleanup."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ports: RtpPortPool,
+        on_incoming: IncomingHandler,
+        *,
+        client: AriClient | None = None,
+    ) -> None:
+        ari = settings.ari
+        self._settings = ari
+        self._rtp = settings.rtp
+        self._ports = ports
+        self._on_incoming = on_incoming
+        self._client = client or AriClient(
+            ari.url, ari.username, ari.password, timeout=ari.request_timeout_s
+        )
+        self._by_id: dict[str, AriLeg] = {}  # channel, ExternalMedia and bridge ids
+        self.legs: set[AriLeg] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._run: asyncio.Task[None] | None = None
+        self._ws: websockets.ClientConnection | None = None
+        self._replaced = False
+        self._throttle = LogThrottle()
+        self.connected = asyncio.Event()
+        self.counters = StasisCounters()
+
+    # -- AriLegHost ------------------------------------------------------------------------------
+    @property
+    def client(self) -> AriClient:
+        return self._client
+
+    @property
+    def settings(self) -> AriSettings:
+        return self._settings
+
+    def media_host(self) -> str:
+        return self._settings.media_host or self._rtp.host
+
+    async def open_media(self) -> ExternalMedia:
+        endpoint = await self._ports.open()
+        return ExternalMedia(endpoint, self._settings.media_format, self._rtp)
+
+    def close_media(self, media: ExternalMedia) -> None:
+        self._ports.close(media.endpoint)
+
+    def release(self, leg: AriLeg) -> None:
+        self.legs.discard(leg)
+        for key in (leg.channel_id, leg.media_id, leg.bridge_id):
+            if self._by_id.get(key) is leg:
+                del self._by_id[key]
+
+    def owns(self, leg: Leg) -> bool:
+        return isinstance(leg, AriLeg) and leg in self.legs
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Check that Asterisk takes our credentials (``AriAuthError`` if not) and start the
+        connection loop. Asterisk being unreachable is not an error: the loop keeps trying."""
+        try:
+            info = await self._client.info()
+        except AriUnreachableError as exc:
+            log.warning(
+                "Asterisk is not reachable; retrying in the background",
+                extra={"url": self._client.url, "error": exc.message},
+            )
+        else:
+            log.info(
+                "Asterisk reachable",
+                extra={"url": self._client.url, "version": info.system.version},
+            )
+        self._run = asyncio.get_running_loop().create_task(self._connection_loop())
+
+    async def close(self, grace_s: float = 3.0) -> None:
+        """Stop listening; hang up what is left; wait (bounded) for the legs' cleanup."""
+        if self._run is not None:
+            self._run.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._run
+        for leg in list(self.legs):
+            leg.hangup("shutdown", 503)
+        teardowns = [leg.teardown for leg in self.legs if leg.teardown is not None]
+        for task in list(self._tasks):
+            task.cancel()
+        if teardowns:
+            await asyncio.wait(teardowns, timeout=grace_s)
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=grace_s)
+        await self._client.aclose()
+
+    # -- outbound --------------------------------------------------------------------------------
+    async def place_call(
+        self,
+        trunk: str,
+        number: str,
+        *,
+        from_user: str | None = None,
+        ring_timeout_s: float = 30.0,
+        media: bool = True,
+    ) -> AriLeg:
+        """Originate ``PJSIP/<number>@<trunk>`` into the application. Returns the leg at once
+        (ringing, answer or failure arrive as its events). ``media=False``: a leg for a bridge
+        inside Asterisk (``AriLeg.connect``), without an ExternalMedia channel."""
+        if not _DIALABLE.fullmatch(number) or not _DIALABLE.fullmatch(trunk):
+            raise RemoteError(f"not a dialable number and trunk: {number!r} @ {trunk!r}")
+        if not self.connected.is_set():
+            raise AriUnreachableError(
+                "POST", "/channels", 0, "the events connection to Asterisk is down"
+            )
+        channel_id = f"aispinner-{uuid.uuid4().hex}"
+        leg = AriLeg(
+            self,
+            channel_id=channel_id,
+            direction="outbound",
+            from_user=from_user or "",
+            to_user=number,
+            with_media=media,
+            log=call_logger(channel_id),
+        )
+        self._register(leg)
+        leg.start()
+        try:
+            await self._client.originate(
+                f"PJSIP/{number}@{trunk}",
+                self._settings.app,
+                ["outbound", channel_id],
+                channel_id=channel_id,
+                caller_id=from_user,
+                timeout_s=max(1, round(ring_timeout_s)),
+            )
+        except AriError:
+            leg.gone()
+            raise
+        return leg
+
+    # -- the events connection -------------------------------------------------------------------
+    async def _connection_loop(self) -> None:
+        delay = 1.0
+        failures: set[str] = set()
+        client = self._client
+        while True:
+            kind = ""
+            try:
+                async with websockets.connect(
+                    client.events_url(self._settings.app),
+                    additional_headers=client.events_headers(),
+                    open_timeout=self._settings.request_timeout_s,
+                    max_size=_MAX_EVENT_BYTES,
+                ) as ws:
+                    self._ws = ws
+                    self._replaced = False
+                    self.counters.connects += 1
+                    self.connected.set()
+                    log.info("connected to Asterisk's events", extra={"app": self._settings.app})
+                    delay = 1.0
+                    failures.clear()
+                    self._spawn(self._after_connect())
+                    async for message in ws:
+                        self.dispatch(message)
+                    kind = "closed by Asterisk"
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                kind = f"HTTP {status}"
+                if status == 401:
+                    kind += ": credentials refused (ari.username / ari.password)"
+            except (OSError, InvalidHandshake, TimeoutError) as exc:
+                kind = type(exc).__name__
+            except websockets.ConnectionClosed:
+                kind = "connection lost"
+            finally:
+                self._ws = None
+                self.connected.clear()
+            if self._replaced:
+                log.error(
+                    "another client took over the Stasis application; taking it back later",
+                    extra={"app": self._settings.app, "after_s": self._settings.reconnect_max_s},
+                )
+                delay = self._settings.reconnect_max_s
+            elif kind not in failures:
+                failures.add(kind)
+                log.warning(
+                    "Asterisk's events connection failed; retrying",
+                    extra={"url": client.url, "reason": kind, "retry_in_s": delay},
+                )
+            else:
+                log.debug("still cannot connect to Asterisk", extra={"reason": kind})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._settings.reconnect_max_s)
+
+    async def _after_connect(self) -> None:
+        await push_trunks(self._client, self._settings.trunks)
+        await self.resync()
+
+    def dispatch(self, message: str | bytes) -> None:
+        """One message from the events socket."""
+        try:
+            event = parse_event(message)
+        except AriProtocolError as exc:
+            self.counters.invalid_events += 1
+            skipped = self._throttle.allow("invalid", asyncio.get_running_loop().time())
+            if skipped is not None:
+                log.warning("invalid ARI event ignored", extra={"error": str(exc)})
+            return
+        self.counters.events += 1
+        if isinstance(event, UnknownEvent):
+            self.counters.unknown_events += 1
+            return
+        if isinstance(event, ApplicationReplaced):
+            self._replaced = True
+            if self._ws is not None:
+                self._spawn(self._ws.close())
+            return
+        leg = self._leg_for(event)
+        if leg is None:
+            if isinstance(event, StasisStart):
+                self._stasis_start(event)
+            else:
+                self.counters.unrouted_events += 1
+            return
+        leg.on_event(event)
+
+    def _leg_for(self, event: AriEvent) -> AriLeg | None:
+        if isinstance(event, Dial):
+            return self._by_id.get(event.peer.id)
+        if isinstance(event, BridgeDestroyed):
+            return self._by_id.get(event.bridge.id)
+        if isinstance(event, ChannelEnteredBridge | ChannelLeftBridge):
+            return self._by_id.get(event.bridge.id)
+        channel = getattr(event, "channel", None)
+        if isinstance(channel, Channel):
+            return self._by_id.get(channel.id)
+        return None
+
+    def _stasis_start(self, event: StasisStart) -> None:
+        if event.args[:1] == ["inbound"]:
+            self._adopt(event.channel)
+            return
+        # Not ours to run (an originate or ExternalMedia channel of an earlier worker process).
+        log.warning(
+            "unexpected channel in the application; hanging it up",
+            extra={"channel": event.channel.id, "args": event.args},
+        )
+        self.counters.orphans_removed += 1
+        self._spawn(self._delete_channel(event.channel.id))
+
+    def _adopt(self, channel: Channel) -> None:
+        dialplan = channel.dialplan
+        leg = AriLeg(
+            self,
+            channel_id=channel.id,
+            direction="inbound",
+            from_user=channel.caller.number,
+            to_user=dialplan.exten if dialplan is not None else "",
+            caller_name=channel.caller.name,
+            protocol_id=channel.protocol_id,
+            log=call_logger(channel.protocol_id or channel.id),
+        )
+        self._register(leg)
+        leg.log.info(
+            "call from Asterisk",
+            extra={"channel": channel.id, "from": leg.info.from_user, "to": leg.info.to_user},
+        )
+        leg.start()
+        self._spawn(self._run_incoming(leg))
+
+    async def _run_incoming(self, leg: AriLeg) -> None:
+        try:
+            await self._on_incoming(leg)
+        except Exception:
+            leg.log.exception("call handler failed")
+            leg.hangup("worker-error", 500)
+
+    def _register(self, leg: AriLeg) -> None:
+        self.legs.add(leg)
+        self._by_id[leg.channel_id] = leg
+        if leg.with_media:
+            self._by_id[leg.media_id] = leg
+            self._by_id[leg.bridge_id] = leg
+
+    # -- resync after a (re)connect --------------------------------------------------------------
+    async def resync(self) -> None:
+        """Make the worker's view match Asterisk's (see the module docstring)."""
+        client = self._client
+        try:
+            app = await client.application(self._settings.app)
+        except AriError as exc:
+            log.warning("resync failed", extra={"error": str(exc)})
+            return
+        present = set(app.channel_ids)
+        for leg in list(self.legs):
+            if leg.ended or leg.channel_id in present:
+                continue
+            if leg.info.direction == "outbound" and leg.phase.value in ("new", "ringing"):
+                try:  # still dialling: not in the application until it answers
+                    await client.channel(leg.channel_id)
+                    continue
+                except AriNotFoundError:
+                    pass
+                except AriError:
+                    continue
+            leg.log.info("channel gone while the events connection was down")
+            leg.gone()
+        for channel_id in sorted(present - self._by_id.keys()):
+            try:
+                channel = await client.channel(channel_id)
+            except AriError:
+                continue
+            dialplan = channel.dialplan
+            ringing_inbound = (
+                dialplan is not None
+                and dialplan.app_name == "Stasis"
+                and dialplan.app_data == f"{self._settings.app},inbound"
+                and channel.state == "Ring"
+            )
+            if ringing_inbound:
+                self.counters.adopted += 1
+                self._adopt(channel)
+            else:
+                log.warning(
+                    "orphan channel in the application; hanging it up",
+                    extra={"channel": channel_id},
+                )
+                self.counters.orphans_removed += 1
+                await self._delete_channel(channel_id)
+        for bridge_id in sorted(set(app.bridge_ids) - self._by_id.keys()):
+            log.warning(
+                "orphan bridge in the application; destroying it", extra={"bridge": bridge_id}
+            )
+            self.counters.orphans_removed += 1
+            with contextlib.suppress(AriError):
+                await client.destroy_bridge(bridge_id)
+
+    async def _delete_channel(self, channel_id: str) -> None:
+        with contextlib.suppress(AriError):
+            await self._client.hangup(channel_id, "normal")
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+
+        def done(task: asyncio.Task[Any]) -> None:
+            self._tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("ARI task failed", exc_info=task.exception())
+
+        task.add_done_callback(done)
+        return task
