@@ -288,6 +288,8 @@ class Asterisk:
         fields: dict[str, Any] = {"cause": cause, "cause_txt": ev.cause_text(cause)}
         if tech_cause is not None:
             fields["tech_cause"] = tech_cause
+        if ch.bridge is not None:  # not reached by the recorded paths: kept consistent anyway
+            self._leave_bridge(ch, response_point=False)
         self._channel_event(ch, "ChannelDestroyed", **fields)
         for app in ch.apps:
             self.registry.unsubscribe_channel(app, ch.id)
@@ -298,7 +300,7 @@ class Asterisk:
         if ch.em is not None:
             ch.em.close()
         if ch.phone is not None:
-            ch.phone.end(cause)
+            ch.phone.end(None if ch.far_end_hung_up else cause)
 
     def _rtp_quality(self, ch: Channel) -> None:
         if ch.kind not in ("sip-in", "sip-out") or ch.state != "Up":
@@ -375,8 +377,8 @@ class Asterisk:
 
     def phone_dtmf(self, channel_id: str, digit: str, duration_ms: int) -> None:
         ch = self.channels.get(channel_id)
-        if ch is None or ch.state != "Up":
-            raise RuntimeError(f"channel {channel_id} is not up: no RTP to carry a digit")
+        if ch is None or not self._media_flows(ch):
+            raise RuntimeError(f"channel {channel_id} has no media: no RTP to carry a digit")
 
         def digit_end() -> None:
             if ch.id in self.channels:
@@ -390,6 +392,7 @@ class Asterisk:
             return
         if ch.kind == "sip-out" and ch.state != "Up":
             raise RuntimeError("the callee has not answered: script refusals with on_dial()")
+        ch.far_end_hung_up = True
         self._rtp_quality(ch)
         self._hangup_request(ch)
         self._teardown(ch, 16)

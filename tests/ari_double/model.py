@@ -52,6 +52,8 @@ class Channel:
     partner: Channel | None = None
     """The other half of a Local channel pair."""
     muted: bool = False
+    far_end_hung_up: bool = False
+    """The SIP side sent the BYE (the phone hung up), not Asterisk."""
 
     @property
     def apps(self) -> set[str]:

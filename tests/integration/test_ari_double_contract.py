@@ -317,6 +317,11 @@ async def listener() -> AsyncIterator[Listener]:
     udp.close()
 
 
+def _channel_of(event: JsonObject) -> JsonObject:
+    channel: JsonObject = event.get("channel") or event["peer"]
+    return channel
+
+
 async def _wait(condition: Any, limit_s: float = 2.0) -> None:
     for _ in range(int(limit_s / 0.005)):
         if condition():
@@ -577,6 +582,27 @@ class TestExternalMediaRtp:
         assert double.em_stats(em["id"]).sent == []
 
 
+class TestExternalMediaResponseOrder:
+    async def test_events_before_the_response_when_asked(self, listener: Listener) -> None:
+        """``em_events_before_response=5`` (as recorded with slin16): all five events are written
+        before the 200, so the app may see StasisStart for a channel id it does not know yet."""
+        async with (
+            AriDouble(em_events_before_response=5) as double,
+            aiohttp.ClientSession() as session,
+        ):
+            client = Ari(double, session)
+            await client.events()
+            params = {"app": "aispinner", "external_host": f"127.0.0.1:{listener.port}"}
+            status, em = await client.call(
+                "POST", "/channels/externalMedia", {**params, "format": "ulaw"}
+            )
+            assert status == 200
+            sent = [(e["type"], _channel_of(e)["id"]) for _, e in double.events]
+            assert sent[-1] == ("StasisStart", em["id"])
+            assert len(sent) == 5
+            await client.close()
+
+
 class TestOriginate:
     async def test_no_answer_ends_at_the_originate_timeout(
         self, ari: Ari, double: AriDouble
@@ -642,6 +668,44 @@ class TestOriginate:
         assert (await ari.call("POST", "/channels", params))[0] == 200
         assert (await ari.call("DELETE", f"{base}/endpoint/carrier"))[0] == 204
         assert await ari.call("POST", "/channels", params) == failed
+
+
+class TestPhones:
+    async def test_two_phones_in_a_bridge_hear_each_other(
+        self, ari: Ari, double: AriDouble
+    ) -> None:
+        events = await ari.events()
+        caller = await double.call_in()
+        await ari.call("POST", f"/channels/{caller.channel_id}/answer")
+        double.on_dial("5550006", "answer", ring_s=0.01, echo=True)
+        status, callee = await ari.call(
+            "POST",
+            "/channels/5550006-leg",
+            {"endpoint": "PJSIP/5550006@sippuas", "app": "aispinner"},
+            body={"variables": {"CAMPAIGN": "c1"}},
+        )
+        assert (status, callee["id"]) == (200, "5550006-leg")
+        await events.next_of("StasisStart")
+        await events.next_of("StasisStart")
+        assert await ari.call(
+            "GET", "/channels/5550006-leg/variable", {"variable": "CAMPAIGN"}
+        ) == (
+            200,
+            {"value": "c1"},
+        )
+        _, bridge = await ari.call("POST", "/bridges")
+        channels = {"channel": f"{caller.channel_id},5550006-leg"}
+        assert (await ari.call("POST", f"/bridges/{bridge['id']}/addChannel", channels))[0] == 204
+        spoken = tone(0.1)
+        await caller.send_audio(spoken, realtime=False)
+        await _wait(lambda: len(caller.heard) == len(spoken))  # the callee echoes
+        assert bytes(double.phone("5550006-leg").heard) == spoken
+        assert bytes(caller.heard) == spoken
+        await caller.hang_up()
+        assert caller.hangup_cause is None  # it sent the BYE
+        await events.next_of("StasisEnd")
+        peer = [e for e in events.events if e.get("variable") == "RTPAUDIOQOSBRIDGED"]
+        assert peer[0]["channel"]["id"] == "5550006-leg"
 
 
 class TestBridges:
