@@ -302,10 +302,12 @@ class AriDouble:
                 body=dumps(response.body).encode(),
                 headers=headers,
             )
-        await web_response.prepare(request)
-        await web_response.write_eof()
-        if response.capture is not None:
-            self.bus.publish(response.capture.after)
+        try:
+            await web_response.prepare(request)
+            await web_response.write_eof()
+        finally:  # the state has changed: its events go out even if the client went away
+            if response.capture is not None:
+                self.bus.publish(response.capture.after)
         return web_response
 
     def _api_docs(self, request: web.Request, tail: str) -> AriResponse:

@@ -162,9 +162,9 @@ class TestRecordedRtp:
         )
         assert set(note["sources"]) == {f"127.0.0.1:{recorded_port}"}
         assert figures["sources"] == {f"127.0.0.1:{port}" for port in result.em_ports}
-        recorded_back_to_back = "0" in note["interarrival_ms_histogram_5ms_buckets"]
-        assert figures["back_to_back"] == recorded_back_to_back
-        if not recorded_back_to_back:
+        if "0" in note["interarrival_ms_histogram_5ms_buckets"]:
+            assert figures["back_to_back"]  # structural: two 20 ms frames out of one 30 ms
+        else:  # the sender's cadence (a loaded machine may bunch a few packets: the median)
             assert abs(figures["median_ms"] - note["interarrival_ms_median"]) < 8
 
 
