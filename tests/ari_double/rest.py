@@ -12,7 +12,8 @@ from typing import Any
 from tests.ari_double import events as ev
 from tests.ari_double import recordings
 from tests.ari_double.bus import Capture, EventBus, Registry
-from tests.ari_double.core import HANGUP_REASONS, Asterisk
+from tests.ari_double.core import HANGUP_REASONS
+from tests.ari_double.dialing import Asterisk
 from tests.ari_double.errors import AriError, not_modelled
 from tests.ari_double.model import Channel
 from tests.ari_double.sorcery import Sorcery

@@ -21,7 +21,7 @@ from aiohttp import web
 from tests.ari_double import events as ev
 from tests.ari_double import recordings
 from tests.ari_double.bus import EventBus, EventSocket, Registry, dumps
-from tests.ari_double.core import Asterisk, DialPlan
+from tests.ari_double.dialing import Asterisk, DialPlan
 from tests.ari_double.errors import AriError
 from tests.ari_double.model import Bridge, Channel
 from tests.ari_double.phone import Phone

@@ -185,14 +185,14 @@ class TestReplayDetectsDeviations:
     def test_reordered_bridge_events_fail_the_sequence(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        original = double_core.Asterisk._update_peers
+        original = double_core.Core._update_peers
 
-        def peers_first(self: double_core.Asterisk, bridge: Any, joiner: Any) -> None:
+        def peers_first(self: double_core.Core, bridge: Any, joiner: Any) -> None:
             if joiner is not None and len(bridge.members) == 2:
                 self._set_connected(joiner, ("x", "1"))
             original(self, bridge, joiner)
 
-        monkeypatch.setattr(double_core.Asterisk, "_update_peers", peers_first)
+        monkeypatch.setattr(double_core.Core, "_update_peers", peers_first)
         result = replay("ws_replace")  # no bridge: unaffected
         assert result.event_problems == []
         result = replay("inbound_app_hangup")

@@ -11,7 +11,7 @@ import pytest
 
 from tests.ari_double import events as ev
 from tests.ari_double import recordings
-from tests.ari_double.core import parse_caller_id
+from tests.ari_double.dialing import parse_caller_id
 from tests.ari_double.errors import AriError
 from tests.ari_double.model import Bridge, Channel
 from tests.ari_double.replay import MismatchError, Tokens, compare
