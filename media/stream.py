@@ -63,7 +63,9 @@ class RtpStream:
         self.jitter = JitterBuffer(
             rate, min_ms=jitter_min_ms, max_ms=jitter_max_ms, samples_of=_pcm_samples
         )
-        self.sender = RtpSender(codec.payload_type, secrets.randbits(32) if ssrc is None else ssrc)
+        self.sender = RtpSender(
+            codec.payload_type, secrets.randbits(32) if ssrc is None else ssrc, clock_rate=rate
+        )
         self._dtmf_in = DtmfReceiver(rate)
         self._dtmf_out = (
             DtmfSender(telephone_event_pt, rate) if telephone_event_pt is not None else None

@@ -160,16 +160,26 @@ class Worker:
             await self.run_session(leg, route)
 
     async def originate(
-        self, trunk: str, number: str, route: RouteSettings, *, from_user: str | None = None
+        self,
+        trunk: str,
+        number: str,
+        route: RouteSettings,
+        *,
+        from_user: str | None = None,
+        ring_timeout_s: float = 60.0,
     ) -> SessionResult:
         """Place a call through ``trunk`` and, once answered, bridge it to the route's agent.
         Returns when the call has ended (unanswered calls end as busy, no-answer or failed).
         A trunk of ``trunks`` goes through the SIP user agent; any other name is an Asterisk
         endpoint (``PJSIP/<number>@<trunk>``) when the ARI ingress is on."""
         if self.ua is not None and trunk in self.settings.trunks:
-            leg: Leg = await self.ua.place_call(trunk, number, from_user=from_user)
+            leg: Leg = await self.ua.place_call(
+                trunk, number, from_user=from_user, ring_timeout_s=ring_timeout_s
+            )
         elif self.stasis is not None:
-            leg = await self.stasis.place_call(trunk, number, from_user=from_user)
+            leg = await self.stasis.place_call(
+                trunk, number, from_user=from_user, ring_timeout_s=ring_timeout_s
+            )
         else:
             raise ConfigError(f"no trunk named {trunk!r}")
         return await self.run_session(leg, route)

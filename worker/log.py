@@ -72,6 +72,8 @@ def setup_logging(
     handler._aispinner = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # httpx logs every request at info (the ARI client's): only its problems are worth a line.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
 
 
 class CallLogger(logging.LoggerAdapter[logging.Logger]):

@@ -346,7 +346,7 @@ class Core:
             if member.em is not None:
                 member.em.send(pcm)
             elif member.phone is not None and self._media_flows(member):
-                member.phone.hear(pcm)
+                member.phone.hear(pcm, source.id)
 
     # -- channel operations ----------------------------------------------------------------------
     def answer(self, ch: Channel) -> None:

@@ -7,8 +7,12 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
+import numpy as np
+
 DTMF_DIGITS = frozenset("0123456789ABCD*#")
 BYTES_PER_MS = 16  # 8 kHz, 16-bit
+MIX_RESYNC_S = 0.1
+"""A source silent for longer than this starts again at the end of what was heard."""
 
 
 class PhoneLine(Protocol):
@@ -41,6 +45,7 @@ class Phone:
         self.stasis_failed = False
         """Stasis() failed (no app connected), so Asterisk hung the call up at once."""
         self._line = line
+        self._cursors: dict[str, tuple[int, float]] = {}
 
     async def send_audio(self, pcm: bytes, *, ptime_ms: int = 20, realtime: bool = True) -> None:
         """Talk: ``pcm`` (8 kHz 16-bit LE mono) in packets of ``ptime_ms``, paced in real time
@@ -73,10 +78,25 @@ class Phone:
         await self._line.phone_hangup(self.channel_id)
 
     # -- called by the double --------------------------------------------------------------------
-    def hear(self, pcm: bytes) -> None:
+    def hear(self, pcm: bytes, source: str = "") -> None:
+        """A frame from ``source`` (a channel of the bridge). Several sources are mixed as a
+        mixing bridge does: each stream is laid at its own running position in ``heard``
+        (re-anchored at the end of ``heard`` after a pause) and summed with the others."""
         if self.ended.is_set():
             return
-        self.heard += pcm
+        now = asyncio.get_running_loop().time()
+        cursor, last = self._cursors.get(source, (None, 0.0))
+        if cursor is None or now - last > MIX_RESYNC_S:
+            cursor = len(self.heard)
+        end = cursor + len(pcm)
+        if end > len(self.heard):
+            self.heard += bytes(end - len(self.heard))
+        mixed = np.frombuffer(self.heard, dtype="<i2", count=len(pcm) // 2, offset=cursor)
+        added = mixed.astype(np.int32) + np.frombuffer(pcm, dtype="<i2", count=len(pcm) // 2)
+        self.heard[cursor : cursor + len(pcm) // 2 * 2] = (
+            np.clip(added, -32768, 32767).astype("<i2").tobytes()
+        )
+        self._cursors[source] = (end, now)
         if self.echo:
             asyncio.get_running_loop().call_soon(self._line.phone_audio, self.channel_id, pcm)
 

@@ -6,8 +6,9 @@ one SSRC, marker 0, no sequence gaps, timestamp step = samples. What arrives is 
 from ``external_host`` itself and in the channel's payload type (stricter than Asterisk's strict
 RTP learning), decoded to 8 kHz and given to the bridge; everything is counted for assertions.
 
-Rate conversion between 8 and 16 kHz is deliberately simple and exact in length (linear
-interpolation up, pair averaging down), not Asterisk's resampler.
+Rate conversion between 8 and 16 kHz is exact in length and linear in phase
+(``media.halfband``), not Asterisk's resampler: a test comparing waveforms measures the
+worker, not the double.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from media.g711 import PCMA, PCMU, AudioCodec
+from media.halfband import Downsample2, Upsample2
 from media.l16 import SLIN16
 from media.rtp import RtpPacket, RtpParseError, RtpSender
 
@@ -57,25 +57,6 @@ UNMODELLED_FORMATS = frozenset(
 )
 
 Address = tuple[str, int]
-
-
-def upsample_8k_to_16k(pcm: bytes, previous: int) -> tuple[bytes, int]:
-    """Twice the samples: each input sample preceded by its mean with the one before it
-    (``previous`` carries the last sample of the stream's previous chunk)."""
-    samples = np.frombuffer(pcm, dtype="<i2", count=len(pcm) // 2).astype(np.int32)
-    if not samples.size:
-        return b"", previous
-    before = np.concatenate(([previous], samples[:-1]))
-    out = np.empty(samples.size * 2, dtype="<i2")
-    out[0::2] = (before + samples) // 2
-    out[1::2] = samples
-    return out.tobytes(), int(samples[-1])
-
-
-def downsample_16k_to_8k(pcm: bytes) -> bytes:
-    """Half the samples: the mean of each pair (an odd last sample is dropped)."""
-    samples = np.frombuffer(pcm, dtype="<i2", count=(len(pcm) // 4) * 2).astype(np.int32)
-    return ((samples[0::2] + samples[1::2]) // 2).astype("<i2").tobytes()
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +101,8 @@ class ExternalMedia(asyncio.DatagramProtocol):
             clock_rate=self.codec.clock_rate,
         )
         self._smoothed = bytearray()
-        self._last_sample = 0
+        self._up = Upsample2()
+        self._down = Downsample2()
         self.local: Address = ("127.0.0.1", 0)
 
     async def open(self, host: str = "127.0.0.1") -> int:
@@ -148,8 +130,7 @@ class ExternalMedia(asyncio.DatagramProtocol):
         if self._transport is None or not pcm:
             return
         if self.codec is SLIN16:
-            wide, self._last_sample = upsample_8k_to_16k(pcm, self._last_sample)
-            self._smoothed += self.codec.encode(wide)
+            self._smoothed += self.codec.encode(self._up.process(pcm))
             while len(self._smoothed) >= SLIN16_FRAME_BYTES:
                 payload = bytes(self._smoothed[:SLIN16_FRAME_BYTES])
                 del self._smoothed[:SLIN16_FRAME_BYTES]
@@ -201,7 +182,7 @@ class ExternalMedia(asyncio.DatagramProtocol):
         )
         pcm = self.codec.decode(packet.payload)
         if self.codec is SLIN16:
-            pcm = downsample_16k_to_8k(pcm)
+            pcm = self._down.process(pcm[: len(pcm) // 4 * 4])
         self._on_audio(pcm)
 
     def error_received(self, exc: Exception) -> None:  # ICMP port unreachable and the like

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
 from tests.ari_double import events as ev
@@ -15,7 +14,6 @@ from tests.ari_double.dialing import parse_caller_id
 from tests.ari_double.errors import AriError
 from tests.ari_double.model import Bridge, Channel
 from tests.ari_double.replay import MismatchError, Tokens, compare
-from tests.ari_double.rtp import downsample_16k_to_8k, upsample_8k_to_16k
 from tests.ari_double.sorcery import Sorcery
 from tests.ari_double.swagger import api, check_params
 
@@ -187,18 +185,6 @@ class TestCallerIdParsing:
     )
     def test_like_ast_callerid_parse(self, value: str, expected: tuple[str, str]) -> None:
         assert parse_caller_id(value) == expected
-
-
-class TestRateConversions:
-    def test_exact_lengths_and_continuity(self) -> None:
-        pcm = np.arange(0, 1600, 10, dtype="<i2").tobytes()  # 160 samples
-        wide, last = upsample_8k_to_16k(pcm, previous=0)
-        samples = np.frombuffer(wide, dtype="<i2")
-        assert len(samples) == 320
-        assert last == 1590
-        assert list(samples[:4]) == [0, 0, 5, 10]
-        assert downsample_16k_to_8k(wide)[:4] == np.array([0, 7], dtype="<i2").tobytes()
-        assert len(downsample_16k_to_8k(wide)) == len(pcm)
 
 
 class TestReplayIdentifierMapping:

@@ -33,6 +33,15 @@ class TestArchitectureSeams:
         }
         assert {path: names for path, names in offending.items() if names} == {}
 
+    def test_ingresses_do_not_know_each_other_or_sessions(self) -> None:
+        """``worker.ari`` and ``worker.sip`` meet only in ``worker.app`` and ``worker.legs``."""
+        for ingress, other in (("ari", "worker.sip"), ("sip", "worker.ari")):
+            offending = {
+                path: sorted(n for n in names if n.startswith((other, "worker.session")))
+                for path, names in imported_modules(ROOT / "worker" / ingress).items()
+            }
+            assert {path: names for path, names in offending.items() if names} == {}, ingress
+
     def test_media_does_no_io(self) -> None:
         forbidden = ("asyncio", "socket", "worker", "time", "uvloop", "websockets")
         offending = {

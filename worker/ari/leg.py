@@ -125,6 +125,8 @@ class AriLeg:
         self._hangup_cause: int | None = None
         self._tech_cause: int | None = None
         self.media: ExternalMedia | None = None
+        self.placed = False
+        """Asterisk has the channel (it entered the application, or the originate returned)."""
         self.end: LegEnd | None = None
         self.teardown: asyncio.Task[None] | None = None
         """Set when the leg ends: deleting what it created in Asterisk."""
@@ -400,6 +402,10 @@ class AriLeg:
             exc = task.exception()
             if exc is None:
                 return
+            if fatal and isinstance(exc, AriError) and exc.status in (404, 422):
+                # Perhaps the channel vanished between two requests (the caller hung up).
+                asyncio.get_running_loop().create_task(self._check_gone(exc))
+                return
             if isinstance(exc, AriError | AriProtocolError | OSError):
                 self._log.error("ARI request failed", extra={"error": str(exc)})
             else:
@@ -409,6 +415,20 @@ class AriLeg:
 
         task.add_done_callback(done)
         return task
+
+    async def _check_gone(self, exc: AriError) -> None:
+        """A request failed with 404/422: end the leg as gone if its channel is, else as an
+        error."""
+        try:
+            await self._host.client.channel(self.channel_id)
+        except AriNotFoundError:
+            self._log.info("channel gone", extra={"request": f"{exc.method} {exc.path}"})
+            self.gone()
+            return
+        except AriError:
+            pass
+        self._log.error("ARI request failed", extra={"error": str(exc)})
+        self.hangup("ari-error", 500)
 
     def _emit(self, event: LegEvent) -> None:
         observer = self._observer

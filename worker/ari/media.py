@@ -5,25 +5,24 @@ Asterisk sends from ``UNICASTRTP_LOCAL_ADDRESS:PORT`` to our socket and takes RT
 that address, from the socket it sends to (strict RTP learns one source). No SDP: the payload type
 is fixed by the format asked for: ``ulaw`` is PCMU (PT 0, the caller's packetisation kept, so
 30 ms packets arrive as they came), ``slin16`` is big-endian 16 kHz linear (PT 118, 640-byte
-20 ms payloads; ``media.l16``). A 16 kHz stream is resampled to and from the seam's 8 kHz here.
+20 ms payloads; ``media.l16``). A 16 kHz stream is halved to, and doubled from, the seam's
+8 kHz here, frame by frame (``media.halfband``: exact sizes, 3 ms, linear phase).
 Packets from any other source are counted and dropped (``RtpEndpoint`` with the source fixed).
 """
 
 from __future__ import annotations
 
 from media.g711 import PCMU, AudioCodec
+from media.halfband import Downsample2, Upsample2
 from media.l16 import SLIN16
-from media.resample import Resampler
 from media.rtp import RtpPacket
 from media.stream import RtpStream
 from worker.config import RtpSettings
-from worker.legs import FRAME_BYTES, SAMPLE_RATE, Address, MediaQuality
+from worker.legs import SAMPLE_RATE, Address, MediaQuality
 from worker.rtp import RtpEndpoint
 
 FORMATS: dict[str, AudioCodec] = {"ulaw": PCMU, "slin16": SLIN16}
 """ExternalMedia ``format`` → the codec Asterisk sends and expects."""
-
-_MAX_PENDING = FRAME_BYTES * 10  # 200 ms of resampled audio waiting, at most
 
 
 class ExternalMedia:
@@ -38,10 +37,10 @@ class ExternalMedia:
             codec, None, jitter_min_ms=rtp.jitter_min_ms, jitter_max_ms=rtp.jitter_max_ms
         )
         wideband = codec.clock_rate != SAMPLE_RATE
-        self._down = Resampler(codec.clock_rate, SAMPLE_RATE) if wideband else None
-        self._up = Resampler(SAMPLE_RATE, codec.clock_rate) if wideband else None
-        self._in = bytearray()
-        self._out = bytearray()
+        if wideband and codec.clock_rate != 2 * SAMPLE_RATE:
+            raise ValueError(f"ExternalMedia at {codec.clock_rate} Hz is not supported")
+        self._down = Downsample2() if wideband else None
+        self._up = Upsample2() if wideband else None
         self.remote: Address | None = None
         endpoint.attach(self)
 
@@ -65,31 +64,15 @@ class ExternalMedia:
     # -- the seam --------------------------------------------------------------------------------
     def pull_frame(self, now: float) -> bytes | None:
         frame = self.stream.pull_frame(now)
-        down = self._down
-        if down is None or frame is None:
+        if frame is None or self._down is None:
             return frame
-        pending = self._in
-        pending += down.process(frame)
-        if len(pending) < FRAME_BYTES:
-            return None
-        out = bytes(pending[:FRAME_BYTES])
-        del pending[:FRAME_BYTES]
-        return out
+        return self._down.process(frame)
 
     def send_frame(self, pcm: bytes) -> None:
         if self.remote is None:
             return
-        up = self._up
-        if up is not None:
-            pending = self._out
-            pending += up.process(pcm)
-            size = self.stream.frame_bytes
-            if len(pending) > _MAX_PENDING * 2:
-                del pending[: len(pending) - size]
-            if len(pending) < size:
-                return  # the resampler's first few milliseconds
-            pcm = bytes(pending[:size])
-            del pending[:size]
+        if self._up is not None:
+            pcm = self._up.process(pcm)
         self.endpoint.send(self.stream.send_frame(pcm))
 
     def quality(self) -> MediaQuality:

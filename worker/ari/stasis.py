@@ -208,6 +208,7 @@ class StasisApp:
         except AriError:
             leg.gone()
             raise
+        leg.placed = True
         return leg
 
     # -- the events connection -------------------------------------------------------------------
@@ -315,7 +316,7 @@ class StasisApp:
         # Not ours to run (an originate or ExternalMedia channel of an earlier worker process).
         log.warning(
             "unexpected channel in the application; hanging it up",
-            extra={"channel": event.channel.id, "args": event.args},
+            extra={"channel": event.channel.id, "stasis_args": event.args},
         )
         self.counters.orphans_removed += 1
         self._spawn(self._delete_channel(event.channel.id))
@@ -332,6 +333,7 @@ class StasisApp:
             protocol_id=channel.protocol_id,
             log=call_logger(channel.protocol_id or channel.id),
         )
+        leg.placed = True
         self._register(leg)
         leg.log.info(
             "call from Asterisk",
@@ -358,13 +360,14 @@ class StasisApp:
     async def resync(self) -> None:
         """Make the worker's view match Asterisk's (see the module docstring)."""
         client = self._client
+        known = [leg for leg in self.legs if leg.placed]  # an originate in flight is not
         try:
             app = await client.application(self._settings.app)
         except AriError as exc:
             log.warning("resync failed", extra={"error": str(exc)})
             return
         present = set(app.channel_ids)
-        for leg in list(self.legs):
+        for leg in known:
             if leg.ended or leg.channel_id in present:
                 continue
             if leg.info.direction == "outbound" and leg.phase.value in ("new", "ringing"):

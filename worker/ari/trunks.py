@@ -24,7 +24,7 @@ from worker.config import AriTrunkSettings
 log = logging.getLogger("worker.ari.trunks")
 
 PJSIP = "res_pjsip"
-REGISTRATION = "res_pjsip_outbound_registration"
+REGISTRATION = "res_pjsip"  # the instance (sorcery.conf section: res_pjsip_outbound_registration)
 
 
 @dataclass(frozen=True, slots=True)

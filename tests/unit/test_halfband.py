@@ -1,0 +1,66 @@
+"""``media.halfband``: exact 2:1 rate changes for slin16 ExternalMedia frames: sizes, the
+pass band and stop band, the delay, and a waveform kept through a round trip (where a general
+low-latency resampler is not)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from media.halfband import TAPS, Downsample2, Upsample2
+from media.resample import Resampler
+from tests.e2e.harness import best_match, pattern, samples, tone
+
+
+def _frames(pcm: bytes, size: int) -> list[bytes]:
+    return [pcm[i : i + size] for i in range(0, len(pcm), size)]
+
+
+def _gain_db(before: bytes, after: bytes, skip: int) -> float:
+    a, b = samples(before), samples(after)[skip:]
+    return float(20 * np.log10(max(np.sqrt(np.mean(b * b)), 1e-9) / np.sqrt(np.mean(a * a))))
+
+
+class TestExactSizes:
+    def test_every_frame_halves_or_doubles(self) -> None:
+        down, up = Downsample2(), Upsample2()
+        for size in (640, 4, 1280, 8):
+            assert len(down.process(bytes(size))) == size // 2
+            assert len(up.process(bytes(size))) == size * 2
+
+    def test_odd_sample_count_is_refused(self) -> None:
+        with pytest.raises(ValueError, match="even"):
+            Downsample2().process(bytes(6))
+
+
+class TestFrequencyResponse:
+    @pytest.mark.parametrize("freq", [300, 1000, 2000, 3000, 3400])
+    def test_pass_band_is_flat(self, freq: int) -> None:
+        wide = tone(freq, 0.5, 16000)
+        narrow = b"".join(Downsample2().process(f) for f in [wide])
+        assert abs(_gain_db(wide, narrow, TAPS)) < 0.2
+        back = Upsample2().process(tone(freq, 0.5, 8000))
+        assert abs(_gain_db(tone(freq, 0.5, 8000), back, TAPS * 2)) < 0.2
+
+    @pytest.mark.parametrize("freq", [5000, 6000, 7500])
+    def test_stop_band_is_removed(self, freq: int) -> None:
+        wide = tone(freq, 0.5, 16000)
+        assert _gain_db(wide, Downsample2().process(wide), TAPS) < -60
+
+
+class TestRoundTrip:
+    def test_waveform_kept_with_an_integer_delay(self) -> None:
+        speech = pattern(1.5, seed=3)
+        down, up = Downsample2(), Upsample2()
+        out = b"".join(down.process(up.process(f)) for f in _frames(speech, 320))
+        match = best_match(samples(out), samples(speech)[2000:8000])
+        assert match.lag - 2000 == (TAPS - 1) // 2  # 48 at 16 kHz each way: 48 at 8 kHz
+        assert match.score > 0.9999
+
+    def test_better_than_the_low_latency_resampler(self) -> None:
+        """Why slin16 uses this and not ``media.resample``'s variable-rate engine."""
+        speech = pattern(1.5, seed=3)
+        up, down = Resampler(8000, 16000), Resampler(16000, 8000)
+        out = b"".join(down.process(up.process(f)) for f in _frames(speech, 320))
+        general = best_match(samples(out), samples(speech)[2000:8000]).score
+        assert general < 0.99  # the waveform is changed (phase), if not the sound
