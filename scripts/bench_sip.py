@@ -59,7 +59,10 @@ class WorkerProcess:
         rtp_ports: int,
         *,
         sip_extra: str = NO_RATE_LIMIT,
+        top: str = "",
+        tail: str = "",
     ) -> None:
+        """``top``: settings before the first table (``ingress``); ``tail``: more tables."""
         self.workdir = workdir
         self.port = free_port()
         self.log_path = workdir / "worker.log"
@@ -67,6 +70,7 @@ class WorkerProcess:
         self.config = workdir / "worker.toml"
         self.config.write_text(
             f"""data_dir = "{workdir / "data"}"
+{top}
 
 [log]
 level = "info"
@@ -87,6 +91,7 @@ port_max = {base + rtp_ports}
 match = "echo"
 action = "echo"
 record = false
+{tail}
 """,
             encoding="utf-8",
         )

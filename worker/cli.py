@@ -1,5 +1,5 @@
 """The ``aispinner-worker`` command line: run the worker, check and show its settings, render the
-Asterisk configuration the ARI ingress needs."""
+Asterisk configuration the ARI ingress needs, push or delete the trunks it keeps in Asterisk."""
 
 from __future__ import annotations
 
@@ -36,6 +36,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     render.add_argument(
         "--out", type=Path, required=True, metavar="DIR", help="folder to write the files into"
+    )
+    trunks = sub.add_parser(
+        "ari-trunks",
+        help="push the [ari.trunks] into Asterisk now, or delete them from it",
+    )
+    trunks.add_argument("action", choices=("push", "delete"))
+    trunks.add_argument(
+        "names", nargs="*", metavar="NAME", help="trunks to act on (default: every one)"
     )
     return parser
 
@@ -75,6 +83,45 @@ def _asterisk_config(settings: Settings, out: Path) -> int:
     return 0
 
 
+def _ari_trunks(settings: Settings, action: str, names: Sequence[str]) -> int:
+    import asyncio
+
+    from worker.ari.client import AriClient, AriError
+    from worker.ari.trunks import delete_trunk, push_trunk
+
+    trunks = settings.ari.trunks
+    unknown = sorted(set(names) - trunks.keys())
+    if unknown:
+        print(f"aispinner-worker: no [ari.trunks] named {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    chosen = list(names) or sorted(trunks)
+    if not chosen:
+        print("aispinner-worker: no [ari.trunks] in the settings", file=sys.stderr)
+        return 2
+
+    async def act() -> int:
+        ari = settings.ari
+        client = AriClient(ari.url, ari.username, ari.password, timeout=ari.request_timeout_s)
+        failed = 0
+        try:
+            for name in chosen:
+                try:
+                    if action == "push":
+                        await push_trunk(client, name, trunks[name])
+                    else:
+                        await delete_trunk(client, name, trunks[name])
+                except AriError as exc:
+                    failed += 1
+                    print(f"{name}: {exc}", file=sys.stderr)
+                else:
+                    print(f"{name}: {'pushed' if action == 'push' else 'deleted'}")
+        finally:
+            await client.aclose()
+        return 1 if failed else 0
+
+    return asyncio.run(act())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = _load(args.config)
@@ -83,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "asterisk-config":
         return _asterisk_config(settings, args.out)
+    if args.command == "ari-trunks":
+        return _ari_trunks(settings, args.action, args.names)
     if args.command == "run":
         from worker.app import run_forever
 

@@ -70,6 +70,8 @@ class RtpRecord:
     marker: bool
     payload_size: int
     peer: Address
+    at: float = 0.0
+    """The loop's time when the packet was sent or received (for benchmarks)."""
 
 
 @dataclass(slots=True)
@@ -152,6 +154,7 @@ class ExternalMedia(asyncio.DatagramProtocol):
                 False,
                 len(payload),
                 self.remote,
+                asyncio.get_running_loop().time(),
             )
         )
 
@@ -178,6 +181,7 @@ class ExternalMedia(asyncio.DatagramProtocol):
                 packet.marker,
                 len(packet.payload),
                 source,
+                asyncio.get_running_loop().time(),
             )
         )
         pcm = self.codec.decode(packet.payload)

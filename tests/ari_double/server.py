@@ -22,7 +22,7 @@ from tests.ari_double import events as ev
 from tests.ari_double import recordings
 from tests.ari_double.bus import EventBus, EventSocket, Registry, dumps
 from tests.ari_double.dialing import Asterisk, DialPlan
-from tests.ari_double.errors import AriError
+from tests.ari_double.errors import AriError, internal_error
 from tests.ari_double.model import Bridge, Channel
 from tests.ari_double.phone import Phone
 from tests.ari_double.rest import CHECKED_BY_RESOURCE, AriRequest, AriResponse, RestApi
@@ -91,6 +91,14 @@ class AriDouble:
         self.rest = RestApi(self.core, self.bus, self.registry, self.sorcery)
         self._runner: web.AppRunner | None = None
         self._socket_done: dict[EventSocket, asyncio.Event] = {}
+        self._faults: list[tuple[str, str, AriError]] = []
+
+    def fail_next(self, method: str, path_suffix: str, error: AriError | None = None) -> None:
+        """Answer the next ``method`` request whose path ends with ``path_suffix`` with
+        ``error`` (default: the 500 Asterisk gives when it cannot make a channel) instead of
+        doing it: a fault of Asterisk's own (ports exhausted, a module failing), for tests of
+        how the worker copes."""
+        self._faults.append((method, path_suffix, error or internal_error()))
 
     # -- lifecycle -------------------------------------------------------------------------------
     @property
@@ -272,6 +280,10 @@ class AriDouble:
             error = AriError(400, "Bad Request", message)
             return await self._respond(request, params, body, _error_response(error))
         ari_request = AriRequest(operation, route.path_vars, values, body)
+        for fault in self._faults:
+            if request.method == fault[0] and request.path.endswith(fault[1]):
+                self._faults.remove(fault)
+                return await self._respond(request, params, body, _error_response(fault[2]))
         try:
             response = await self.rest.handle(ari_request)
         except AriError as exc:

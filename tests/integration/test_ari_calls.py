@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from media.rtp import RtpSender
@@ -32,6 +34,7 @@ from tests.e2e.harness import (
     wait_result,
 )
 from tests.sipp import free_port
+from worker import cli
 from worker.app import StartError, Worker
 from worker.ari.client import AriClient, AriError
 from worker.ari.leg import AriLeg
@@ -216,6 +219,35 @@ class TestInboundCallAudioBothWays:
         assert len(media_posts) == 1
         assert media_posts[0].query["format"] == media_format
         assert media_posts[0].status == 200
+
+
+class TestRingingAndEarlyMedia:
+    """``ring`` is ``POST /channels/{id}/ring``; a ``say`` with ``earlyMedia`` is ``progress``
+    plus the bridge, so the caller hears it unanswered (a 183 on Asterisk's side)."""
+
+    async def test_early_media_say(self, tmp_path: Path) -> None:
+        async with (
+            AriDouble(username=USER, password=PASSWORD) as asterisk,
+            ScriptedAgent() as agent,
+            ari_worker(tmp_path, asterisk.url, [agent_route("*", agent.url("/app"))]) as worker,
+        ):
+            phone = await asterisk.call_in(CALLED)
+            ctl = await agent.accept("/app")
+            new = await ctl.next_type("session:new")
+            say = {"verb": "say", "text": "one moment please", "earlyMedia": True}
+            await ctl.ack(new, [say, {"verb": "sip:decline", "status": 486}])
+            result = await wait_result(worker, new["call_sid"])
+            await asyncio.wait_for(phone.ended.wait(), WAIT)
+            await until(lambda: nothing_left(asterisk), "bridge and ExternalMedia gone")
+        assert [r.status for r in requests_of(asterisk, "POST", "/ring")] == [204]
+        assert phone.progress
+        assert not phone.answered
+        assert np.sqrt(np.mean(samples(bytes(phone.heard)) ** 2)) > 300  # the speech
+        assert phone.hangup_reason == "busy"
+        assert result.status == "busy"
+        posts = [r.path.rsplit("/", 1)[-1] for r in asterisk.requests if r.method == "POST"]
+        assert posts.index("ring") < posts.index("progress") < posts.index("addChannel")
+        assert "answer" not in posts
 
 
 class TestEchoRouteThroughAsterisk:
@@ -604,6 +636,29 @@ class TestMisbehavingAsterisk:
             assert stasis is not None
             await until(lambda: not stasis.legs, "the leg is released")
 
+    async def test_a_failing_request_ends_only_its_call(self, tmp_path: Path) -> None:
+        """Asterisk answers 500 to one call's ExternalMedia request: that call ends (cause
+        ari-error, its bridge deleted, its caller hung up); a call beside it goes on."""
+        async with through_asterisk(tmp_path, ECHO) as (asterisk, worker):
+            first = await asterisk.call_in("echo")
+            await answered(worker)
+            asterisk.fail_next("POST", "/externalMedia")
+            second = await asterisk.call_in("echo")
+            await asyncio.wait_for(second.ended.wait(), WAIT)
+            assert second.hangup_reason == "failure"
+            stasis = worker.stasis
+            assert stasis is not None
+            await until(lambda: len(stasis.legs) == 1, "the failed call's leg is released")
+            assert len(asterisk.bridges) == 1  # the first call's
+            spoken = pattern(0.8, seed=6)
+            await first.send_audio(spoken)
+            await asyncio.sleep(0.3)
+            await first.hang_up()
+            results = await _results(worker, 2)
+        assert sorted(r.status for r in results) == ["completed", "failed"]
+        match = best_match(samples(bytes(first.heard)), samples(spoken)[1000:5000])
+        assert match.score > 0.9, match
+
     async def test_foreign_rtp_is_dropped(self, tmp_path: Path) -> None:
         async with through_asterisk(tmp_path, ECHO) as (asterisk, worker):
             phone = await asterisk.call_in("echo")
@@ -625,3 +680,49 @@ class TestMisbehavingAsterisk:
             await phone.hang_up()
             result = (await _results(worker, 1))[0]
         assert result.status == "completed"
+
+
+class TestAriTrunksCommand:
+    """``aispinner-worker ari-trunks push|delete``: the operator's way to update and remove the
+    trunks the worker keeps in Asterisk (dependency order both ways; a second delete is fine)."""
+
+    def test_push_then_delete(self, tmp_path: Path) -> None:
+        loop = asyncio.new_event_loop()
+        asterisk = AriDouble(username=USER, password=PASSWORD)
+        thread = threading.Thread(target=loop.run_forever, daemon=True)
+        thread.start()
+        asyncio.run_coroutine_threadsafe(asterisk.start(), loop).result(WAIT)
+        config = tmp_path / "worker.toml"
+        config.write_text(
+            f'[ari]\nurl = "{asterisk.url}"\nusername = "{USER}"\npassword = "{PASSWORD}"\n'
+            '[ari.trunks.carrier]\nhost = "127.0.0.1"\nusername = "u"\npassword = "p"\n'
+            "registration = true\n",
+            encoding="utf-8",
+        )
+        try:
+            assert cli.main(["--config", str(config), "ari-trunks", "push"]) == 0
+            assert cli.main(["--config", str(config), "ari-trunks", "delete", "carrier"]) == 0
+            assert cli.main(["--config", str(config), "ari-trunks", "delete"]) == 0
+            assert cli.main(["--config", str(config), "ari-trunks", "push", "nosuch"]) == 2
+        finally:
+            asyncio.run_coroutine_threadsafe(asterisk.stop(), loop).result(WAIT)
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(WAIT)
+            loop.close()
+        calls = [
+            (r.method, r.path.split("/dynamic/")[1], r.status)
+            for r in asterisk.requests
+            if "/dynamic/" in r.path
+        ]
+        objects = [
+            "res_pjsip/auth/carrier-auth",
+            "res_pjsip/aor/carrier",
+            "res_pjsip/endpoint/carrier",
+            "res_pjsip/identify/carrier",
+            "res_pjsip/registration/carrier",
+        ]
+        assert calls == (
+            [("PUT", o, 200) for o in objects]
+            + [("DELETE", o, 204) for o in reversed(objects)]
+            + [("DELETE", o, 404) for o in reversed(objects)]
+        )
