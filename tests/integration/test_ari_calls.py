@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -21,9 +22,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+import websockets
 
 from media.rtp import RtpSender
 from tests.ari_double import AriDouble
+from tests.ari_double.errors import AriError as DoubleAriError
 from tests.e2e.harness import (
     WAIT,
     ScriptedAgent,
@@ -40,6 +43,7 @@ from worker.ari.client import AriClient, AriError
 from worker.ari.leg import AriLeg
 from worker.ari.trunks import ConfigObject, TrunkPushError, _refused_attribute
 from worker.config import load_settings
+from worker.errors import RemoteError
 from worker.session.session import SessionResult
 
 USER, PASSWORD = "aispinner", "secret"
@@ -726,3 +730,178 @@ class TestAriTrunksCommand:
             + [("DELETE", o, 204) for o in reversed(objects)]
             + [("DELETE", o, 404) for o in reversed(objects)]
         )
+
+
+class _OtherClient:
+    """Another client of the same Stasis application (an earlier worker process, or a second
+    worker configured alike): a bare events socket and REST calls."""
+
+    def __init__(self, asterisk: AriDouble) -> None:
+        self.asterisk = asterisk
+        self.events: list[dict[str, Any]] = []
+        self.client = AriClient(asterisk.url, USER, PASSWORD)
+        self._ws: Any = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def connect(self) -> None:
+        self._ws = await websockets.connect(
+            self.client.events_url("aispinner"), additional_headers=self.client.events_headers()
+        )
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        with contextlib.suppress(websockets.ConnectionClosed):
+            async for message in self._ws:
+                self.events.append(json.loads(message))
+
+    async def close(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+        if self._reader is not None:
+            await self._reader
+        await self.client.aclose()
+
+
+class TestResyncAfterAnEarlierProcess:
+    """What an earlier worker process left in the application is cleaned up by the next one's
+    resync: an answered caller and its ExternalMedia channel are hung up, its bridge destroyed;
+    a caller still ringing is adopted and gets a session."""
+
+    async def test_orphans_removed(self, tmp_path: Path) -> None:
+        async with AriDouble(username=USER, password=PASSWORD) as asterisk:
+            earlier = _OtherClient(asterisk)
+            await earlier.connect()
+            phone = await asterisk.call_in("echo")
+            client = earlier.client
+            await client.answer(phone.channel_id)
+            await client.create_bridge("left-bridge", "mixing,dtmf_events", "left")
+            media = await client.external_media("aispinner", "127.0.0.1:9", "ulaw")
+            await client.add_channels("left-bridge", [phone.channel_id, media.id])
+            await earlier.close()  # the earlier process is gone; Asterisk keeps it all
+            async with ari_worker(tmp_path, asterisk.url, ECHO) as worker:
+                await asyncio.wait_for(phone.ended.wait(), WAIT)
+                await until(lambda: nothing_left(asterisk), "bridge and ExternalMedia removed")
+                assert worker.stasis is not None
+                assert worker.stasis.counters.orphans_removed == 3
+                assert not worker.results  # nothing to run a session for
+
+    async def test_ringing_caller_adopted(self, tmp_path: Path) -> None:
+        async with AriDouble(username=USER, password=PASSWORD) as asterisk:
+            earlier = _OtherClient(asterisk)
+            await earlier.connect()
+            phone = await asterisk.call_in("echo")  # enters Stasis while the earlier one runs
+            await earlier.close()
+            async with ari_worker(tmp_path, asterisk.url, ECHO) as worker:
+                await answered(worker)
+                assert worker.stasis is not None
+                assert worker.stasis.counters.adopted == 1
+                spoken = pattern(0.8, seed=8)
+                await phone.send_audio(spoken)
+                await asyncio.sleep(0.3)
+                await phone.hang_up()
+                result = (await _results(worker, 1))[0]
+        assert result.status == "completed"
+        match = best_match(samples(bytes(phone.heard)), samples(spoken)[1000:5000])
+        assert match.score > 0.9, match
+
+
+class TestApplicationReplaced:
+    """ws_replace: a second client subscribing to the application takes it over; the worker
+    says so and takes it back after the longest backoff, and the other client is the one
+    replaced then."""
+
+    async def test_taken_back(self, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        async with through_asterisk(tmp_path, ECHO) as (asterisk, worker):
+            stasis = worker.stasis
+            assert stasis is not None
+            other = _OtherClient(asterisk)
+            await other.connect()
+            try:
+                await until(lambda: not stasis.connected.is_set(), "the worker is replaced")
+                await until(lambda: stasis.counters.connects == 2, "the worker takes it back")
+                await until(
+                    lambda: any(e["type"] == "ApplicationReplaced" for e in other.events),
+                    "the other client is told",
+                )
+            finally:
+                await other.close()
+            phone = await asterisk.call_in("echo")
+            await answered(worker)
+            await phone.hang_up()
+            await _results(worker, 1)
+        assert any("took over the Stasis application" in r.getMessage() for r in caplog.records)
+
+
+class TestOriginateGuards:
+    """A number or trunk that could change the dial string is refused before Asterisk sees it;
+    no originate while the events socket is down (its outcome could not be known)."""
+
+    @pytest.mark.parametrize(
+        ("trunk", "number"),
+        [("sippuas", "123&PJSIP/999@evil"), ("sippuas", "1,2"), ("a/b", "123"), ("", "1")],
+    )
+    async def test_refused_dial_strings(self, tmp_path: Path, trunk: str, number: str) -> None:
+        async with through_asterisk(tmp_path, ECHO) as (asterisk, worker):
+            with pytest.raises(RemoteError, match="not a dialable"):
+                await worker.originate(trunk, number, worker.settings.routes[0])
+        assert not requests_of(asterisk, "POST", "/channels")
+
+    async def test_no_originate_while_disconnected(self, tmp_path: Path) -> None:
+        url = f"http://127.0.0.1:{free_port()}"
+        async with ari_worker(tmp_path, url, ECHO, wait_connected=False) as worker:
+            with pytest.raises(AriError, match="events connection to Asterisk is down"):
+                await worker.originate("sippuas", "123", worker.settings.routes[0])
+
+
+class TestShutdownWithCallsUp:
+    """Closing the worker hangs up its Asterisk calls and removes what it made there."""
+
+    async def test_close_hangs_up(self, tmp_path: Path) -> None:
+        async with AriDouble(username=USER, password=PASSWORD) as asterisk:
+            async with ari_worker(tmp_path, asterisk.url, ECHO) as worker:
+                phone = await asterisk.call_in("echo")
+                await answered(worker)
+            await asyncio.wait_for(phone.ended.wait(), WAIT)
+            await until(lambda: nothing_left(asterisk), "bridge and ExternalMedia removed")
+        assert phone.hangup_reason == "normal"
+
+
+class TestMediaTakenAway:
+    """Someone else deletes the call's ExternalMedia channel or destroys its bridge: the call
+    cannot have audio any more, so it ends (cause media-lost) and the rest is cleaned up; a
+    422 on a request whose channel is still there ends the call as an error."""
+
+    @pytest.mark.parametrize("what", ["media", "bridge"])
+    async def test_deleted_by_another_client(self, tmp_path: Path, what: str) -> None:
+        async with through_asterisk(tmp_path, ECHO) as (asterisk, worker):
+            phone = await asterisk.call_in("echo")
+            leg = await answered(worker)
+            client = AriClient(asterisk.url, USER, PASSWORD)
+            try:
+                if what == "media":
+                    await client.hangup(leg.media_id)
+                else:
+                    await client.destroy_bridge(leg.bridge_id)
+            finally:
+                await client.aclose()
+            await asyncio.wait_for(phone.ended.wait(), WAIT)
+            result = (await _results(worker, 1))[0]
+            await until(lambda: nothing_left(asterisk), "the rest removed")
+        assert leg.end is not None
+        assert leg.end.cause == "media-lost"
+        assert result.status == "completed"  # it was answered; the media went away
+        assert phone.hangup_reason == "normal"
+
+    async def test_refused_join_with_the_channel_still_there(self, tmp_path: Path) -> None:
+        async with through_asterisk(tmp_path, ECHO) as (asterisk, worker):
+            refusal = DoubleAriError(
+                422, "Unprocessable Entity", "Channel not in Stasis application"
+            )
+            asterisk.fail_next("POST", "/addChannel", refusal)
+            phone = await asterisk.call_in("echo")
+            await asyncio.wait_for(phone.ended.wait(), WAIT)
+            result = (await _results(worker, 1))[0]
+            await until(lambda: nothing_left(asterisk), "the rest removed")
+        assert result.status == "failed"
+        assert phone.hangup_reason == "failure"
+        assert requests_of(asterisk, "GET", f"/channels/{phone.channel_id}")  # it looked first

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -17,9 +17,11 @@ from media.g711 import ulaw_encode
 from media.l16 import PT_SLIN16, SLIN16, swap16
 from media.rtp import RtpPacket, RtpSender
 from media.stream import RtpStream
+from tests.fakes import FakeLeg
 from worker.ari.causes import hangup_reason, unanswered_end
-from worker.ari.client import HANGUP_REASONS
-from worker.ari.leg import _rtp_source
+from worker.ari.client import HANGUP_REASONS, AriClient
+from worker.ari.leg import AriLeg, Phase, _rtp_source
+from worker.ari.media import ExternalMedia
 from worker.ari.models import (
     AriProtocolError,
     ChannelDestroyed,
@@ -30,7 +32,9 @@ from worker.ari.models import (
     parse_event,
 )
 from worker.ari.trunks import trunk_objects
-from worker.config import AriTrunkSettings
+from worker.config import AriSettings, AriTrunkSettings
+from worker.legs import LegWatch, MediaQuality
+from worker.log import call_logger
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "ari"
 RECORDINGS = DATA / "recordings"
@@ -300,3 +304,70 @@ class TestExternalMediaAddress:
     def test_unusable(self, variables: dict[str, str] | None) -> None:
         with pytest.raises(AriProtocolError):
             _rtp_source(variables)
+
+
+class _NoRestHost:
+    """An ``AriLegHost`` for the leg's guards: any REST call would fail the test."""
+
+    settings = AriSettings()
+
+    @property
+    def client(self) -> AriClient:
+        raise AssertionError("no REST call expected")
+
+    def media_host(self) -> str:
+        return "127.0.0.1"
+
+    async def open_media(self) -> ExternalMedia:
+        raise AssertionError("no media expected")
+
+    def close_media(self, media: ExternalMedia) -> None:
+        raise AssertionError("no media expected")
+
+    def release(self, leg: AriLeg) -> None:
+        pass
+
+
+class TestLegContractGuards:
+    """worker/legs.py's contract where nothing goes to Asterisk: requests that do not apply
+    are no-ops or False, and there is no audio before the join."""
+
+    def _leg(self, direction: Literal["inbound", "outbound"]) -> AriLeg:
+        return AriLeg(
+            _NoRestHost(),
+            channel_id="c1",
+            direction=direction,
+            from_user="a",
+            to_user="b",
+            log=call_logger("c1"),
+        )
+
+    async def test_outbound_leg_ignores_inbound_requests(self) -> None:
+        leg = self._leg("outbound")
+        leg.ring()
+        leg.ring(early_media=True)
+        leg.answer()
+        assert leg.phase is Phase.NEW
+        assert not leg.send_dtmf("1")  # not answered
+        assert not leg.send_request("INFO", "text/plain", "x")
+        assert leg.pull_frame(0.0) is None
+        leg.send_frame(bytes(320))
+        assert leg.quality() == MediaQuality()
+        assert not leg.connect(FakeLeg())
+        assert leg.info.headers == (("X-Asterisk-Channel", "c1"),)
+        assert leg.info.codec == "slin16"
+
+    async def test_events_for_other_channels_are_ignored(self) -> None:
+        leg = self._leg("inbound")
+        watch = LegWatch()
+        leg.attach(watch)
+        other = {"id": "other"}
+        for event in (
+            {"type": "ChannelDtmfReceived", "digit": "1", "channel": other},
+            {"type": "StasisEnd", "channel": other},
+            {"type": "Dial", "dialstatus": "RINGING", "peer": other},
+            {"type": "BridgeDestroyed", "bridge": {"id": "not-ours"}},
+        ):
+            leg.on_event(parse_event(json.dumps(event)))
+        assert watch.events == []
+        assert not leg.ended
