@@ -1,11 +1,15 @@
-"""Shared pytest fixtures: paths to SIPp's bundled captures and tool availability."""
+"""Shared pytest fixtures: paths to SIPp's bundled captures, tool availability, and a real
+PostgreSQL (``postgres``: one server per session; ``database_url``: a fresh database per test)."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.pg import TestPostgres
 
 SIPP_SHARE = Path("/usr/share/sip-tester")
 
@@ -23,3 +27,20 @@ def ffmpeg() -> str:
     if path is None:
         pytest.fail("ffmpeg is missing: run `make test` (it installs ffmpeg)")
     return path
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[TestPostgres]:
+    """One real PostgreSQL for the session (started on first use)."""
+    server = TestPostgres()
+    server.start_server()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+async def database_url(postgres: TestPostgres) -> str:
+    """A fresh database with the worker's schema."""
+    return await postgres.database()

@@ -163,6 +163,41 @@ class AriSettings(_Section):
         return self
 
 
+class ApiSettings(_Section):
+    """The HTTP API (REST, the realtime hub WebSocket, SSE, the per-call observer)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    jwt_secret: str | None = None
+    """HS256 shared secret for the Bearer and ``?token=`` JWTs."""
+    jwt_public_key: str | None = None
+    """RS256 public key (PEM text, or a path to a PEM file) instead of a shared secret."""
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    hub_ping_interval_s: float = Field(30.0, gt=0)
+    hub_queue_events: int = Field(1000, ge=10)
+    """Events a hub client may have waiting; a client further behind is cut off (close code
+    1013) and resumes by id."""
+    max_request_bytes: int = Field(1024 * 1024, ge=1024)
+
+
+class EventSettings(_Section):
+    """Where events go besides the hub: the on-disk spool, webhooks, an upstream hub."""
+
+    spool_max_events: int = Field(100_000, ge=100)
+    """Events kept on disk while PostgreSQL is unreachable; beyond this, new ones are dropped
+    (counted and logged)."""
+    webhook_timeout_s: float = Field(10.0, gt=0)
+    webhook_retry_window_s: float = Field(24 * 3600.0, gt=0)
+    """How long a failing delivery is retried (exponential backoff) before it is dead."""
+    webhook_max_backoff_s: float = Field(3600.0, gt=0)
+    hub_url: str | None = None
+    """The API's hub to push every event to (``ws(s)://`` or ``http(s)://``); None: no push."""
+    hub_secret: str | None = None
+    """Signs the pushed batches (Standard Webhooks HMAC); required with ``hub_url``."""
+
+
 class RouteSettings(_Section):
     """Where calls to a dialled number go: the built-in echo, or a voice agent."""
 
@@ -176,6 +211,10 @@ class RouteSettings(_Section):
     record: bool = True
     barge_in: bool = False
     custom_parameters: dict[str, str] = Field(default_factory=dict)
+    workspace_id: int = Field(1, ge=1)
+    """The workspace the route's calls and events belong to."""
+    node_id: str | None = None
+    """The PBX / number / agent node of the route's calls (in the journal and the events)."""
 
     def matches(self, number: str) -> bool:
         if self.match == "*":
@@ -201,6 +240,12 @@ class Settings(BaseSettings):
     ingress: list[Literal["sip", "ari"]] = ["sip"]
     """Where calls come from: the worker's own SIP user agent, Asterisk over ARI, or both."""
     ari: AriSettings = AriSettings()
+    database_url: str | None = None
+    """PostgreSQL for the journal and the event outbox; None: a private server in data_dir."""
+    worker_id: str | None = None
+    """This worker's name in the journal and in webhook claims; None: host name and port."""
+    api: ApiSettings = ApiSettings()
+    events: EventSettings = EventSettings()
     routes: list[RouteSettings] = Field(
         default_factory=lambda: [RouteSettings(match="echo", action="echo", record=False)]
     )
@@ -229,6 +274,10 @@ class Settings(BaseSettings):
             )
         if not self.ingress:
             raise ValueError("ingress must name at least one of sip, ari")
+        if self.events.hub_url is not None and not self.events.hub_secret:
+            raise ValueError("events.hub_url needs events.hub_secret to sign what it pushes")
+        if self.api.jwt_secret and self.api.jwt_public_key:
+            raise ValueError("set api.jwt_secret (HS256) or api.jwt_public_key (RS256), not both")
         return self
 
     def private_urls_allowed(self) -> bool:

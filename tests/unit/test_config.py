@@ -110,7 +110,17 @@ class TestExampleDocumentsEverySetting:
             annotation = field.annotation
             if isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 sections.append(annotation)
-            elif name not in {"trunks", "routes", "log", "sip", "rtp", "prompts", "ari"}:
+            elif name not in {
+                "trunks",
+                "routes",
+                "log",
+                "sip",
+                "rtp",
+                "prompts",
+                "ari",
+                "api",
+                "events",
+            }:
                 assert name in mentioned, name
         for model in sections:
             for name in _field_names(model):
@@ -124,6 +134,8 @@ class TestExampleDocumentsEverySetting:
                     "users",
                     "custom_parameters",
                     "ari",
+                    "api",
+                    "events",
                 }:
                     continue
                 assert name in mentioned, f"{model.__name__}.{name} is not documented"

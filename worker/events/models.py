@@ -34,6 +34,7 @@ from pydantic import (
 __all__ = [
     "CallDoneEvent",
     "CallDtmfEvent",
+    "CallEvent",
     "CallInterruptionEvent",
     "CallStartedEvent",
     "CallStatusEvent",
@@ -103,6 +104,8 @@ class _CallEventModel(_EventModel):
     call_id: NonEmpty
     node_id: str | None = None
     """The PBX / number / agent node the call belongs to, when the worker knows it."""
+    workspace_id: Annotated[int, Field(ge=1)] = 1
+    """The workspace the call belongs to (its route's)."""
 
 
 class CallStartedEvent(_CallEventModel):
@@ -208,6 +211,17 @@ class JournalNewEvent(_EventModel):
     type: Literal["journal.new"] = "journal.new"
     entries: tuple[JournalEntry, ...] = Field(min_length=1)
 
+
+CallEvent: TypeAlias = (
+    CallStartedEvent
+    | CallStatusEvent
+    | CallDoneEvent
+    | CallDtmfEvent
+    | CallInterruptionEvent
+    | CallVoicemailDetectedEvent
+    | CallTranscriptEvent
+)
+"""Any event about one call (it has ``call_id``, ``workspace_id`` and ``node_id``)."""
 
 Event: TypeAlias = Annotated[
     CallStartedEvent

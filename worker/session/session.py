@@ -240,7 +240,7 @@ class CallSession:
         if sip_status is not None:
             self.set_sip_status(sip_status, reason)
         self.log.info("call status", extra={"status": str(change.new)})
-        self.services.publish(
+        self._publish(
             ev.CallStatusEvent(
                 call_id=self.call_sid, status=change.new.value, sip_status=self.sip_status
             )
@@ -305,7 +305,7 @@ class CallSession:
             self._interrupted(Cleared(event.cleared_marks, event.cleared_ms), "barge-in")
         elif isinstance(event, BeepDetected):
             self.log.info("voicemail beep", extra={"hz": round(event.frequency)})
-            self.services.publish(
+            self._publish(
                 ev.CallVoicemailDetectedEvent(call_id=self.call_sid, beep_hz=event.frequency)
             )
         elif isinstance(event, InbandDigit):
@@ -360,6 +360,13 @@ class CallSession:
     async def wait_ended(self) -> LegEnd:
         return await asyncio.shield(self._ended)
 
+    def _publish(self, event: ev.CallEvent) -> None:
+        """Publish one of this call's events, stamped with its route's workspace and node."""
+        route = self.route
+        self.services.publish(
+            event.model_copy(update={"workspace_id": route.workspace_id, "node_id": route.node_id})
+        )
+
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """A task that belongs to the call: cancelled when the call ends, errors logged."""
         task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
@@ -385,7 +392,7 @@ class CallSession:
         """One transcript turn: kept for the call's result and published as an event."""
         at = self.in_call_seconds()
         self.transcript.append((role, text, at))
-        self.services.publish(
+        self._publish(
             ev.CallTranscriptEvent(call_id=self.call_sid, role=role, text=text, at_sec=at)
         )
 
@@ -398,7 +405,7 @@ class CallSession:
             "agent audio cleared",
             extra={"reason": reason, "cleared_ms": round(cleared.ms), "marks": len(cleared.marks)},
         )
-        self.services.publish(
+        self._publish(
             ev.CallInterruptionEvent(call_id=self.call_sid, reason=reason, cleared_ms=cleared.ms)
         )
         if self.driver is not None and cleared.marks:
@@ -426,7 +433,7 @@ class CallSession:
 
     def _on_dtmf(self, digit: str, duration_ms: int, method: Any) -> None:
         self.digits.append(digit)
-        self.services.publish(
+        self._publish(
             ev.CallDtmfEvent(
                 call_id=self.call_sid, digit=digit, duration_ms=duration_ms, method=method
             )
@@ -441,7 +448,7 @@ class CallSession:
         """Drive the call from arrival to the end with ``driver``; returns its summary."""
         self.driver = driver
         info = self.leg.info
-        self.services.publish(
+        self._publish(
             ev.CallStartedEvent(
                 call_id=self.call_sid,
                 direction=info.direction,
@@ -504,7 +511,7 @@ class CallSession:
             counters=self.counters(),
             media=media,
         )
-        self.services.publish(
+        self._publish(
             ev.CallDoneEvent(
                 call_id=self.call_sid,
                 status=result.status,
