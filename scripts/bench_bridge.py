@@ -512,6 +512,7 @@ async def run(calls: int, seconds: float, warmup: float, record: bool) -> dict[s
                 log={"level": "warning"},
                 sip={"port": sip_port},
                 rtp={"port_min": rtp_low, "port_max": rtp_low + rtp_span},
+                store=False,
                 routes=[
                     {"match": NUMBER, "action": "agent", "agent_url": agent_url, "record": record}
                 ],

@@ -70,6 +70,7 @@ class WorkerProcess:
         self.config = workdir / "worker.toml"
         self.config.write_text(
             f"""data_dir = "{workdir / "data"}"
+store = false
 {top}
 
 [log]

@@ -15,12 +15,15 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections import deque
+from typing import Any
 
 import uvloop
 
 from worker.ari.client import AriAuthError
 from worker.ari.stasis import StasisApp
+from worker.backend import Backend, BackendError
 from worker.config import RouteSettings, Settings
 from worker.errors import ConfigError
 from worker.events.bus import EventBus, JsonlSink
@@ -53,6 +56,9 @@ class Worker:
         self.pacer: MediaPacer | None = None
         self.ua: UserAgent | None = None
         self.stasis: StasisApp | None = None
+        self.backend: Backend | None = None
+        self.worker_id = settings.worker_id or f"{socket.gethostname()}:{settings.sip.port}"
+        self._tasks: set[asyncio.Task[Any]] = set()
         rtp = settings.rtp
         self.ports = RtpPortPool(rtp.host, rtp.port_min, rtp.port_max, nat_latch=rtp.nat_latch)
         self.bus = EventBus()
@@ -76,6 +82,13 @@ class Worker:
             self.stasis = StasisApp(self.settings, self.ports, self.on_incoming)
         self.sink = JsonlSink(self.settings.data_dir / "events.jsonl")
         self.bus.subscribe(self.sink)
+        if self.settings.store:
+            self.backend = Backend(self.settings, self.bus, self.worker_id)
+            try:
+                await self.backend.start(self.call_out)
+            except BackendError as exc:
+                await self.close()
+                raise StartError(str(exc)) from exc
         prompts = self.settings.data_dir / "prompts"
         prompts.mkdir(exist_ok=True)
         self.fetcher = AudioFetcher(
@@ -120,6 +133,10 @@ class Worker:
             return
         self._closed = True
         await self._end_sessions()
+        for task in list(self._tasks):
+            task.cancel()
+        if self.backend is not None:
+            await self.backend.close()
         if self.stasis is not None:
             await self.stasis.close()
         if self.ua is not None:
@@ -167,6 +184,7 @@ class Worker:
         *,
         from_user: str | None = None,
         ring_timeout_s: float = 60.0,
+        session_id: asyncio.Future[str] | None = None,
     ) -> SessionResult:
         """Place a call through ``trunk`` and, once answered, bridge it to the route's agent.
         Returns when the call has ended (unanswered calls end as busy, no-answer or failed).
@@ -182,7 +200,40 @@ class Worker:
             )
         else:
             raise ConfigError(f"no trunk named {trunk!r}")
-        return await self.run_session(leg, route)
+        return await self.run_session(leg, route, session_id)
+
+    async def call_out(
+        self, number: str, trunk: str, route_match: str | None, from_user: str | None
+    ) -> str:
+        """Place an outbound call and run it in the background (the API's ``POST
+        /telephony/calls``, ``aispinner-worker call``); returns its call id once its session
+        exists. ``route_match``: the route (by its ``match``) whose agent takes the call;
+        None: the first agent route."""
+        route = self._route_named(route_match)
+        loop = asyncio.get_running_loop()
+        sid: asyncio.Future[str] = loop.create_future()
+
+        async def run() -> None:
+            try:
+                await self.originate(trunk, number, route, from_user=from_user, session_id=sid)
+            except Exception as exc:
+                if not sid.done():
+                    sid.set_exception(exc)
+                else:
+                    log.exception("outbound call failed")
+
+        task = loop.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await sid
+
+    def _route_named(self, match: str | None) -> RouteSettings:
+        for route in self.settings.routes:
+            if (match is None and route.action == "agent") or route.match == match:
+                return route
+        raise ConfigError(
+            f"no route {match!r}" if match is not None else "no agent route for outbound calls"
+        )
 
     async def place_call(
         self,
@@ -206,10 +257,14 @@ class Worker:
             trunk, number, from_user=from_user, ring_timeout_s=ring_timeout_s
         )
 
-    async def run_session(self, leg: Leg, route: RouteSettings) -> SessionResult:
+    async def run_session(
+        self, leg: Leg, route: RouteSettings, session_id: asyncio.Future[str] | None = None
+    ) -> SessionResult:
         assert self.services is not None
         session = CallSession(leg, route, self.services)
         self.sessions[session.call_sid] = session
+        if session_id is not None and not session_id.done():
+            session_id.set_result(session.call_sid)
         try:
             result = await session.run(driver_for(session))
         finally:

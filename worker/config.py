@@ -240,6 +240,9 @@ class Settings(BaseSettings):
     ingress: list[Literal["sip", "ari"]] = ["sip"]
     """Where calls come from: the worker's own SIP user agent, Asterisk over ARI, or both."""
     ari: AriSettings = AriSettings()
+    store: bool = True
+    """Keep the call journal and the event outbox in PostgreSQL and serve the API; False:
+    events only go to data_dir/events.jsonl (a host without a database, most tests)."""
     database_url: str | None = None
     """PostgreSQL for the journal and the event outbox; None: a private server in data_dir."""
     worker_id: str | None = None

@@ -247,10 +247,22 @@ async def running_worker(
     data_dir: Path,
     routes: list[dict[str, Any]],
     trunks: dict[str, dict[str, Any]] | None = None,
+    *,
+    database_url: str | None = None,
+    jwt_secret: str | None = None,
 ) -> AsyncIterator[Worker]:
-    """A Worker on free loopback ports, closed on the way out."""
+    """A Worker on free loopback ports, closed on the way out. With ``database_url`` it keeps
+    its journal and outbox there and serves the API on a free port (``jwt_secret`` signs its
+    tokens); without, events only go to the JSONL file."""
     sip_port = free_port()
     rtp_low = free_port()
+    store: dict[str, Any] = {"store": False}
+    if database_url is not None:
+        store = {
+            "store": True,
+            "database_url": database_url,
+            "api": {"port": 0, "jwt_secret": jwt_secret},
+        }
     settings = load_settings(
         None,
         data_dir=str(data_dir),
@@ -258,6 +270,7 @@ async def running_worker(
         rtp={"port_min": rtp_low, "port_max": rtp_low + 200},
         routes=routes,
         trunks=trunks or {},
+        **store,
     )
     worker = Worker(settings)
     await worker.start()

@@ -67,6 +67,7 @@ async def ari_worker(
     settings = load_settings(
         None,
         data_dir=str(data_dir),
+        store=False,
         ingress=list(ingress),
         sip={"port": free_port()},
         rtp={"port_min": rtp_low, "port_max": rtp_low + 200},

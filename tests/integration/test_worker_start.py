@@ -24,6 +24,7 @@ class TestTakenSipPort:
                 data_dir=tmp_path,
                 sip={"port": port},
                 rtp={"port_min": rtp, "port_max": rtp + 20},
+                store=False,
             )
             worker = Worker(settings)
             with pytest.raises(StartError) as caught:

@@ -15,6 +15,9 @@ appends a turn (``role``, ``message``, ``time_in_call_secs``, as the seed's jour
 adds a ``journal.new`` event with the finished entry. DTMF, interruption and voicemail events go
 to the outbox only.
 
+Each outbox row also gets a ``webhook_deliveries`` row per enabled webhook endpoint of its
+workspace whose type filter takes it (``worker.events.webhooks`` sends them).
+
 Each event carries a ``uid`` given when it was published; its outbox row is inserted first and
 an event whose uid is already there is skipped whole (journal change included), so writing a
 batch again after a failure whose outcome is unknown (or replaying the spool) changes nothing.
@@ -149,4 +152,14 @@ async def _outbox(
     )
     if event_id is None:
         return None
+    # One delivery per webhook endpoint that wants it, in the same transaction: a crash after
+    # the commit still delivers it.
+    await conn.execute(
+        "INSERT INTO webhook_deliveries (endpoint_id, event_id)"
+        " SELECT id, $2 FROM webhook_endpoints WHERE workspace_id = $1 AND enabled"
+        " AND (cardinality(event_types) = 0 OR $3 = ANY (event_types))",
+        workspace,
+        event_id,
+        event.type,
+    )
     return Written(int(event_id), workspace, event.type, payload)

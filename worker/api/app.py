@@ -1,0 +1,110 @@
+"""The FastAPI application: error handling (every error is ``{"detail": "..."}`` with 401, 403,
+404, 409, 413, 422 or 429, never a stack trace), the request size limit, authentication
+dependencies, ``/healthz``, and the routers: ``journal`` (the telephony REST endpoints),
+``hub`` (realtime WebSocket, SSE, per-call observer) and ``webhooks``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from worker import __version__
+from worker.api.auth import AuthError, ForbiddenError, Principal
+from worker.api.context import ApiContext
+
+
+def context(request: Request) -> ApiContext:
+    ctx: ApiContext = request.app.state.context
+    return ctx
+
+
+def bearer_or_query_token(request: Request, token: str | None = None) -> str | None:
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return token
+
+
+def principal(
+    request: Request,
+    token: Annotated[
+        str | None, Query(description="a JWT, for clients that cannot set headers")
+    ] = None,
+) -> Principal:
+    """The caller, from ``Authorization: Bearer <JWT>`` (or ``?token=``); 401 without one."""
+    return context(request).verifier.verify(bearer_or_query_token(request, token))
+
+
+Caller = Annotated[Principal, Depends(principal)]
+Context = Annotated[ApiContext, Depends(context)]
+
+
+def create_app(ctx: ApiContext) -> FastAPI:
+    from worker.api import hub, journal, webhooks
+
+    app = FastAPI(
+        title="aispinner-worker",
+        version=__version__,
+        description="Telephony journal, call audio, realtime events and webhooks of a worker.",
+    )
+    app.state.context = ctx
+    limit = ctx.settings.api.max_request_bytes
+
+    @app.middleware("http")
+    async def size_limit(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
+        return await call_next(request)
+
+    @app.exception_handler(AuthError)
+    async def unauthorized(request: Request, exc: AuthError) -> JSONResponse:
+        return JSONResponse(
+            {"detail": str(exc)}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+        )
+
+    @app.exception_handler(ForbiddenError)
+    async def forbidden(request: Request, exc: ForbiddenError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=403)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": _validation_message(exc)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, Any]:
+        """Liveness and the database: 200 with ``database: true`` when PostgreSQL answers."""
+        try:
+            async with ctx.pool.acquire() as conn:
+                await conn.fetchval("SELECT 1")
+            database = True
+        except Exception:
+            database = False
+        return {"status": "ok", "database": database, "worker_id": ctx.worker_id}
+
+    app.include_router(journal.router)
+    app.include_router(hub.router)
+    app.include_router(webhooks.router)
+    return app
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path"))
+        parts.append(f"{where}: {error.get('msg', 'invalid')}" if where else str(error.get("msg")))
+    return "; ".join(parts) or "invalid request"
