@@ -11,7 +11,8 @@ the last id it saw, reading what it missed from the outbox.
 
 Endpoints:
 
-- ``GET /ws/events/{workspace_id}?token=<JWT>[&last_id=N]``: the seed's hub. Auto-subscribed to
+- ``GET /ws/events/{workspace_id}?token=<JWT>[&last_id=N][&subscribe=telephony,...]``: the
+  seed's hub. Auto-subscribed to
   the workspace's journal and lifecycle events (``journal.new``, ``call.done``,
   ``call.transcript``, ``batch.status``, ``campaign.*``); ``{"action": "subscribe", "channel":
   "telephony"}`` (every node) or ``"calls:<node_id>"`` adds the call-level events (state
@@ -325,9 +326,14 @@ def _ws_principal(websocket: WebSocket, token: str | None) -> Principal:
 
 @router.websocket("/ws/events/{workspace_id}")
 async def events_socket(
-    websocket: WebSocket, workspace_id: int, token: str | None = None, last_id: int | None = None
+    websocket: WebSocket,
+    workspace_id: int,
+    token: str | None = None,
+    last_id: int | None = None,
+    subscribe: str | None = None,
 ) -> None:
-    """The workspace's realtime events (see the module docstring)."""
+    """The workspace's realtime events (see the module docstring). ``subscribe`` (a comma
+    list of channels) subscribes at connect, so a resume (``last_id``) includes them."""
     try:
         who = _ws_principal(websocket, token)
         who.check(workspace_id)
@@ -342,6 +348,10 @@ async def events_socket(
     ping_s = websocket.app.state.context.settings.api.hub_ping_interval_s
     await websocket.accept()
     subs = _Subscriptions()
+    for channel in (subscribe or "").split(","):
+        if channel and not subs.add(channel):
+            await websocket.close(code=CLOSE_POLICY, reason=f"unknown channel {channel!r}")
+            return
     client = await hub.subscribe(workspace_id, subs.wants, last_id)
     reader = asyncio.get_running_loop().create_task(_read_client(websocket, who, subs, hub, client))
     try:
