@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.e2e.harness import running_worker
 from tests.integration.test_store import call_events
+from worker.api import hub
 from worker.app import Worker
 from worker.events import models as ev
 
@@ -37,12 +39,15 @@ def token(uid: str = "u1", workspaces: list[int] | None = None, **claims: Any) -
 
 
 @contextlib.asynccontextmanager
-async def store_worker(tmp_path: Path, database_url: str, name: str = "w") -> AsyncIterator[Worker]:
+async def store_worker(
+    tmp_path: Path, database_url: str, name: str = "w", **api: Any
+) -> AsyncIterator[Worker]:
     async with running_worker(
         tmp_path / name,
         [{"match": "*", "action": "echo"}],
         database_url=database_url,
         jwt_secret=SECRET,
+        api=api,
     ) as worker:
         yield worker
 
@@ -190,6 +195,109 @@ class TestHubResume:
         assert [m["id"] for m in first[2:]] == ids[:2]
         calls = [m.get("call_id") or m["entries"][0]["call_id"] for m in again]
         assert calls == ["r1"] * 2 + ["r2"] * 4 + ["r3"] * 4
+
+
+class TestSlowClient:
+    """A burst larger than the hub's memory reaches a reading client whole (it is read from
+    the outbox); a client that stops reading is cut off once its socket stays full (close
+    1013), and resuming from the last id it saw gives every event exactly once, in order."""
+
+    async def test_burst_beyond_memory(self, tmp_path: Path, database_url: str) -> None:
+        async with (
+            store_worker(tmp_path, database_url, hub_queue_events=10) as worker,
+            websockets.connect(hub_url(worker)) as ws,
+        ):
+            await asyncio.sleep(0.3)  # subscribed
+            publish(worker, _transcripts(150, 100))
+            got = await receive(ws, 150)
+        assert [m["call_id"] for m in got] == [f"t{n}" for n in range(150)]
+
+    async def test_stops_reading_then_resumes(self, tmp_path: Path, database_url: str) -> None:
+        events = _transcripts(600, 16_000)  # far more than the sockets' buffers hold
+        async with store_worker(tmp_path, database_url) as worker:
+            assert worker.backend is not None
+            assert worker.backend.hub is not None
+            hub_state = worker.backend.hub
+            reader, writer = await _raw_hub_client(api_port(worker), hub_url(worker))
+            try:
+                publish(worker, events)  # and the client reads nothing
+                deadline = asyncio.get_running_loop().time() + hub.SEND_TIMEOUT_S + WAIT
+                while not hub_state.dropped:
+                    assert asyncio.get_running_loop().time() < deadline, "never cut off"
+                    await asyncio.sleep(0.2)
+                seen = await _frames_until_eof(reader)  # what reached it before the cut
+            finally:
+                writer.close()
+            assert len(seen) < len(events)
+            last = seen[-1]["id"] if seen else 0
+            url = hub_url(worker, last_id=last)
+            async with websockets.connect(url, max_size=None) as again:
+                rest = await receive(again, len(events) - len(seen))
+        everything = seen + rest
+        ids_seen = [m["id"] for m in everything]
+        assert ids_seen == sorted(ids_seen)
+        assert len(set(ids_seen)) == len(ids_seen)
+        assert [m["call_id"] for m in everything] == [f"t{n}" for n in range(600)]
+
+
+async def _raw_hub_client(port: int, url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket client that does the handshake and then stops reading (a small receive
+    buffer, so the server's sends block soon)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 24)
+    path = url.split(str(port), 1)[1]
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    transport = writer.transport
+    assert isinstance(transport, asyncio.ReadTransport)
+    transport.pause_reading()
+    reader._transport = transport  # type: ignore[attr-defined]
+    return reader, writer
+
+
+async def _frames_until_eof(reader: asyncio.StreamReader) -> list[dict[str, Any]]:
+    """The text frames (unmasked, from a server) until the connection ends."""
+    transport = getattr(reader, "_transport", None)
+    if transport is not None:
+        transport.resume_reading()
+    data = bytearray()
+    with contextlib.suppress(ConnectionError):
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), WAIT):
+            data += chunk
+    out: list[dict[str, Any]] = []
+    at = 0
+    while at + 2 <= len(data):
+        opcode, size = data[at] & 0x0F, data[at + 1] & 0x7F
+        at += 2
+        if size == 126:
+            size, at = int.from_bytes(data[at : at + 2], "big"), at + 2
+        elif size == 127:
+            size, at = int.from_bytes(data[at : at + 8], "big"), at + 8
+        if at + size > len(data):
+            break  # cut in the middle of a frame
+        if opcode == 1:
+            message = json.loads(data[at : at + size])
+            if message.get("type") != "ping":
+                out.append(message)
+        at += size
+    return out
+
+
+def _transcripts(count: int, size: int) -> list[ev.Event]:
+    return [
+        ev.CallTranscriptEvent(
+            call_id=f"t{n}", workspace_id=1, role="user", text="x" * size, at_sec=float(n)
+        )
+        for n in range(count)
+    ]
 
 
 class TestTwoWorkersOneDatabase:

@@ -5,9 +5,11 @@ workspace, once per id, resumable by id.
 worker writing to the database sends them, so a client of any worker gets the events of calls
 on all of them) and reads the new rows of that workspace after the last id it has read (ids of
 one workspace commit in increasing order: ``worker.store.journal``). It also reads every
-second, in case a notification was lost with its connection. Each client gets the rows through
-a bounded queue: a client that stops reading is cut off (WebSocket close 1013) and resumes with
-the last id it saw, reading what it missed from the outbox.
+second, in case a notification was lost with its connection. It keeps the newest
+``api.hub_queue_events`` events of each workspace in memory; each client pulls what follows the
+last id it got, from memory or, when it is further behind, from the outbox, so bursts and slow
+readers cost no more memory. A client that stops reading (its socket full for
+``SEND_TIMEOUT_S``) is cut off (WebSocket close 1013) and resumes with the last id it saw.
 
 Endpoints:
 
@@ -66,6 +68,9 @@ CALL_TYPES = frozenset(
 )
 """The lower-level telephony events: after ``subscribe`` to ``telephony`` or ``calls:<node>``."""
 POLL_S = 1.0
+SEND_TIMEOUT_S = 5.0
+"""A client whose socket takes no more data for this long (it stopped reading and its
+buffers are full) is dropped; it resumes by id."""
 READ_LIMIT = 500
 CLOSE_TOO_SLOW = 1013
 CLOSE_POLICY = 1008
@@ -88,56 +93,56 @@ class Message:
 
 @dataclass(eq=False)
 class Client:
-    """One subscriber: its workspace, what it wants, and its bounded queue."""
+    """One subscriber: its workspace, what it wants, and how far it has read (``last_id``:
+    every event of the workspace up to it has been given to it, or skipped as unwanted)."""
 
     workspace_id: int
     wants: Callable[[Message], bool]
-    limit: int
     last_id: int = 0
-    queue: deque[Message] = field(default_factory=deque)
-    cut_off: bool = False
-    _ready: asyncio.Event = field(default_factory=asyncio.Event)
-    _held: list[Message] | None = None  # live events while the backlog is being read
 
-    def offer(self, message: Message) -> None:
-        if self._held is not None:
-            self._held.append(message)
-            return
-        if self.cut_off or message.id <= self.last_id or not self.wants(message):
-            return
-        if len(self.queue) >= self.limit:
-            self.cut_off = True  # it resumes by id on its next connection
-            self.queue.clear()
-        else:
-            self.queue.append(message)
-            self.last_id = message.id
-        self._ready.set()
 
-    async def next(self, within_s: float) -> Message | None:
-        """The next message, or None after ``within_s`` (time for a ping) or once cut off."""
-        if not self.queue and not self.cut_off:
-            self._ready.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), within_s)
-        if self.cut_off or not self.queue:
-            return None
-        return self.queue.popleft()
+@dataclass(eq=False)
+class _Workspace:
+    """What the hub holds for a workspace with clients: the newest events read (``recent``,
+    bounded), the id after which ``recent`` is complete (``floor``), the last id read
+    (``cursor``), and an event to wake its clients."""
+
+    limit: int
+    cursor: int = 0
+    floor: int = 0
+    recent: deque[Message] = field(default_factory=deque)
+    clients: set[Client] = field(default_factory=set)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def add(self, messages: list[Message]) -> None:
+        for message in messages:
+            if len(self.recent) >= self.limit:
+                self.floor = self.recent.popleft().id
+            self.recent.append(message)
+        self.cursor = messages[-1].id
+        self.changed.set()
+        self.changed = asyncio.Event()  # the next wait is for what comes after these
 
 
 class Hub:
+    """See the module docstring. Clients pull: ``next_batch`` gives a client what follows its
+    ``last_id``, from memory when the hub still holds it, else from the database, so a burst
+    or a slow client never costs more memory than ``queue_limit`` events per workspace."""
+
     def __init__(self, pool: Any, dsn_connect: Callable[[], Any], queue_limit: int) -> None:
         """``pool``: asyncpg pool for reads; ``dsn_connect``: opens the dedicated LISTEN
-        connection."""
+        connection; ``queue_limit``: events kept in memory per workspace."""
         self._pool = pool
         self._connect = dsn_connect
         self.queue_limit = queue_limit
-        self._clients: dict[int, set[Client]] = {}
-        self._cursor: dict[int, int] = {}
+        self._workspaces: dict[int, _Workspace] = {}
         self._dirty: set[int] = set()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._listener: Any = None
         self.delivered = 0
+        self.dropped = 0
+        """Clients cut off because they stopped reading."""
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -153,38 +158,49 @@ class Hub:
     async def subscribe(
         self, workspace_id: int, wants: Callable[[Message], bool], after_id: int | None
     ) -> Client:
-        """A new client of ``workspace_id``; with ``after_id``, it first gets every stored event
-        after that id (then the live ones, none twice)."""
-        client = Client(workspace_id, wants, self.queue_limit)
-        clients = self._clients.setdefault(workspace_id, set())
-        if workspace_id not in self._cursor:
-            self._cursor[workspace_id] = await self._max_id(workspace_id)
-        cursor = self._cursor[workspace_id]
-        clients.add(client)
-        if after_id is not None and after_id < cursor:
-            client.last_id = after_id
-            client._held = []  # the live ones wait until the stored ones are queued
-            try:
-                backlog = await self._read(workspace_id, after_id, cursor)
-            finally:
-                held, client._held = client._held, None
-            for message in [*backlog, *held]:
-                client.offer(message)
-        else:
-            client.last_id = cursor if after_id is None else after_id
+        """A new client of ``workspace_id``, reading from after ``after_id`` (stored events
+        first), or from now on when None."""
+        state = self._workspaces.get(workspace_id)
+        if state is None:
+            start = await self._max_id(workspace_id)
+            state = self._workspaces.get(workspace_id)  # another client may have come meanwhile
+            if state is None:
+                state = _Workspace(self.queue_limit, cursor=start, floor=start)
+                self._workspaces[workspace_id] = state
+        client = Client(workspace_id, wants, state.cursor if after_id is None else after_id)
+        state.clients.add(client)
         return client
 
     def unsubscribe(self, client: Client) -> None:
-        clients = self._clients.get(client.workspace_id)
-        if clients is not None:
-            clients.discard(client)
-            if not clients:
-                del self._clients[client.workspace_id]
-                self._cursor.pop(client.workspace_id, None)
+        state = self._workspaces.get(client.workspace_id)
+        if state is not None:
+            state.clients.discard(client)
+            if not state.clients:
+                del self._workspaces[client.workspace_id]
+
+    async def next_batch(self, client: Client, within_s: float) -> list[Message]:
+        """What follows the client's ``last_id`` and it wants (possibly empty after
+        ``within_s`` with nothing new); advances ``last_id``."""
+        state = self._workspaces[client.workspace_id]
+        if client.last_id >= state.cursor:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(state.changed.wait(), within_s)
+            if client.last_id >= state.cursor:
+                return []
+        if client.last_id >= state.floor:
+            fresh = [m for m in state.recent if m.id > client.last_id][:READ_LIMIT]
+        else:  # further behind than memory: the database
+            fresh = await self._read(client.workspace_id, client.last_id, state.cursor)
+        if not fresh:
+            return []
+        client.last_id = fresh[-1].id
+        wanted = [m for m in fresh if client.wants(m)]
+        self.delivered += len(wanted)
+        return wanted
 
     def notify(self, workspace_id: int) -> None:
         """New rows were committed in ``workspace_id`` (a NOTIFY, or this worker's writer)."""
-        if workspace_id in self._clients:
+        if workspace_id in self._workspaces:
             self._dirty.add(workspace_id)
             self._wake.set()
 
@@ -206,7 +222,7 @@ class Hub:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), POLL_S)
             self._wake.clear()
-            due = set(self._clients) if not self._dirty else set(self._dirty)
+            due = set(self._workspaces) if not self._dirty else set(self._dirty)
             self._dirty.clear()
             for workspace_id in sorted(due):
                 try:
@@ -218,16 +234,14 @@ class Hub:
                     break
 
     async def _catch_up(self, workspace_id: int) -> None:
-        while workspace_id in self._clients:
-            cursor = self._cursor.get(workspace_id, 0)
-            messages = await self._read(workspace_id, cursor, None)
+        while True:
+            state = self._workspaces.get(workspace_id)
+            if state is None:
+                return
+            messages = await self._read(workspace_id, state.cursor, None)
             if not messages:
                 return
-            for message in messages:
-                for client in list(self._clients.get(workspace_id, ())):
-                    client.offer(message)
-                    self.delivered += 1
-            self._cursor[workspace_id] = messages[-1].id
+            state.add(messages)
             if len(messages) < READ_LIMIT:
                 return
 
@@ -240,7 +254,7 @@ class Hub:
                 workspace_id,
                 after,
                 upto,
-                READ_LIMIT if upto is None else 1_000_000,
+                READ_LIMIT,
             )
         return [_message(row) for row in rows]
 
@@ -259,8 +273,7 @@ class Hub:
             log.debug("hub cannot LISTEN yet", extra={"error": str(exc)})
             return
         self._listener = conn
-        for workspace_id in self._clients:  # whatever came while not listening
-            self._dirty.add(workspace_id)
+        self._dirty.update(self._workspaces)  # whatever came while not listening
 
     async def _drop_listener(self) -> None:
         conn, self._listener = self._listener, None
@@ -355,7 +368,7 @@ async def events_socket(
     client = await hub.subscribe(workspace_id, subs.wants, last_id)
     reader = asyncio.get_running_loop().create_task(_read_client(websocket, who, subs, hub, client))
     try:
-        await _pump(websocket, client, ping_s, reader)
+        await _pump(websocket, hub, client, ping_s, reader)
     finally:
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -364,22 +377,35 @@ async def events_socket(
 
 
 async def _pump(
-    websocket: WebSocket, client: Client, ping_s: float, reader: asyncio.Task[None]
+    websocket: WebSocket, hub: Hub, client: Client, ping_s: float, reader: asyncio.Task[None]
 ) -> None:
     loop = asyncio.get_running_loop()
     next_ping = loop.time() + ping_s
     while not reader.done():
-        message = await client.next(min(1.0, max(0.0, next_ping - loop.time())))
-        if client.cut_off:
-            await websocket.close(
-                code=CLOSE_TOO_SLOW, reason=f"too far behind; resume after id {client.last_id}"
-            )
-            return
-        if message is not None:
-            await websocket.send_text(json.dumps(message.wire()))
+        batch = await hub.next_batch(client, min(1.0, max(0.0, next_ping - loop.time())))
+        for message in batch:
+            if not await _send(websocket, json.dumps(message.wire())):
+                hub.dropped += 1
+                log.info("hub client not reading; dropped", extra={"last_id": client.last_id})
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        websocket.close(code=CLOSE_TOO_SLOW, reason="not reading: resume by id"),
+                        1.0,
+                    )
+                return
         if loop.time() >= next_ping:
-            await websocket.send_text('{"type":"ping"}')
+            if not await _send(websocket, '{"type":"ping"}'):
+                return
             next_ping = loop.time() + ping_s
+
+
+async def _send(websocket: WebSocket, text: str) -> bool:
+    """Send, unless the client has stopped reading (its socket full for ``SEND_TIMEOUT_S``)."""
+    try:
+        await asyncio.wait_for(websocket.send_text(text), SEND_TIMEOUT_S)
+    except TimeoutError:
+        return False
+    return True
 
 
 async def _read_client(
@@ -450,14 +476,12 @@ async def events_stream(
         try:
             yield b": connected\n\n"
             while not await request.is_disconnected():
-                message = await client.next(15.0)
-                if client.cut_off:
-                    return
-                if message is None:
+                batch = await hub.next_batch(client, 15.0)
+                if not batch:
                     yield b": keep-alive\n\n"
-                    continue
-                data = json.dumps({**message.wire(), "event_type": message.type})
-                yield f"id: {message.id}\nevent: {message.type}\ndata: {data}\n\n".encode()
+                for message in batch:
+                    data = json.dumps({**message.wire(), "event_type": message.type})
+                    yield f"id: {message.id}\nevent: {message.type}\ndata: {data}\n\n".encode()
         finally:
             hub.unsubscribe(client)
 
@@ -512,19 +536,16 @@ async def observe_call(websocket: WebSocket, call_id: str, token: str | None = N
             if shown is not None:
                 await websocket.send_text(json.dumps(shown))
         while True:
-            message = await client.next(ctx.settings.api.hub_ping_interval_s)
-            if client.cut_off:
-                await websocket.close(code=CLOSE_TOO_SLOW)
+            batch = await hub.next_batch(client, ctx.settings.api.hub_ping_interval_s)
+            if not batch and not await _send(websocket, '{"type":"ping"}'):
                 return
-            if message is None:
-                await websocket.send_text('{"type":"ping"}')
-                continue
-            shown = observer_message(message)
-            if shown is not None:
-                await websocket.send_text(json.dumps(shown))
-            if message.type == "call.done":
-                await websocket.close(code=1000)
-                return
+            for message in batch:
+                shown = observer_message(message)
+                if shown is not None and not await _send(websocket, json.dumps(shown)):
+                    return
+                if message.type == "call.done":
+                    await websocket.close(code=1000)
+                    return
     except WebSocketDisconnect:
         return
     finally:

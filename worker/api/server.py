@@ -12,6 +12,8 @@ import uvicorn
 from fastapi import FastAPI
 
 log = logging.getLogger("worker.api")
+# uvicorn logs each WebSocket's request line, query string (tokens) included, at info.
+logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
 
 
 class ApiServer:
