@@ -1,5 +1,6 @@
 """The ``aispinner-worker`` command line: run the worker, check and show its settings, render the
-Asterisk configuration the ARI ingress needs, push or delete the trunks it keeps in Asterisk."""
+Asterisk configuration the ARI ingress needs, push or delete the trunks it keeps in Asterisk,
+issue an API token and place a call through a running worker's API."""
 
 from __future__ import annotations
 
@@ -45,7 +46,31 @@ def _parser() -> argparse.ArgumentParser:
     trunks.add_argument(
         "names", nargs="*", metavar="NAME", help="trunks to act on (default: every one)"
     )
+    _add_api_commands(sub)
     return parser
+
+
+def _add_api_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    token = sub.add_parser("token", help="print an API token (JWT) signed with the worker's key")
+    token.add_argument("--uid", required=True, help="the user the token names")
+    token.add_argument(
+        "--workspace",
+        type=int,
+        action="append",
+        default=[],
+        metavar="N",
+        help="a workspace the user is a member of (repeat for several)",
+    )
+    token.add_argument("--operator", action="store_true", help="may see every workspace")
+    token.add_argument("--hours", type=float, default=1.0, help="lifetime (default: 1)")
+    call = sub.add_parser("call", help="place an outbound call through a running worker's API")
+    call.add_argument("number", help="the number to call (E.164 or digits)")
+    call.add_argument("--trunk", required=True, help="the trunk to call through")
+    call.add_argument("--route", default=None, help="the route (its match) whose agent talks")
+    call.add_argument("--caller-id", default=None, help="the From user")
+    call.add_argument(
+        "--api", default=None, metavar="URL", help="the worker's API (default: from [api])"
+    )
 
 
 def _load(config: Path | None) -> Settings:
@@ -122,6 +147,84 @@ def _ari_trunks(settings: Settings, action: str, names: Sequence[str]) -> int:
     return asyncio.run(act())
 
 
+MAX_TOKEN_HOURS = 24 * 366
+
+
+def _issue(
+    settings: Settings, uid: str, workspaces: list[int], operator: bool, hours: float
+) -> str:
+    from worker.api.auth import AuthError, TokenVerifier
+
+    try:
+        verifier = TokenVerifier(settings.api, settings.data_dir)
+        return verifier.issue(uid, workspaces, operator=operator, lifetime_s=hours * 3600)
+    except AuthError as exc:
+        print(
+            f"aispinner-worker: cannot issue tokens: {exc} (api.jwt_public_key is set;"
+            " sign them where the private key is)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from exc
+    except OSError as exc:
+        print(f"aispinner-worker: cannot read the API key: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+def _token(settings: Settings, args: argparse.Namespace) -> int:
+    if not args.workspace and not args.operator:
+        print("aispinner-worker: give --workspace N (or --operator)", file=sys.stderr)
+        return 2
+    if not 0 < args.hours <= MAX_TOKEN_HOURS:
+        print(f"aispinner-worker: --hours must be in (0, {MAX_TOKEN_HOURS}]", file=sys.stderr)
+        return 2
+    print(_issue(settings, args.uid, args.workspace, args.operator, args.hours))
+    return 0
+
+
+def _api_url(settings: Settings) -> str:
+    host = settings.api.host
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.api.port}"
+
+
+def _call(settings: Settings, args: argparse.Namespace) -> int:
+    import httpx
+
+    base = (args.api or _api_url(settings)).rstrip("/")
+    token = _issue(settings, "aispinner-worker-cli", [1], True, 0.1)
+    body = {
+        "number": args.number,
+        "trunk": args.trunk,
+        "route": args.route,
+        "caller_id": args.caller_id,
+    }
+    try:
+        response = httpx.post(
+            f"{base}/telephony/calls",
+            json=body,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30.0,
+        )
+    except httpx.HTTPError as exc:
+        print(f"aispinner-worker: cannot reach the API at {base}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = {}
+    if response.status_code != 201 or not isinstance(answer, dict):
+        detail = answer.get("detail") if isinstance(answer, dict) else None
+        print(
+            f"aispinner-worker: {response.status_code}: {detail or response.text[:200]}",
+            file=sys.stderr,
+        )
+        return 1
+    print(answer["call_id"])
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = _load(args.config)
@@ -132,6 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _asterisk_config(settings, args.out)
     if args.command == "ari-trunks":
         return _ari_trunks(settings, args.action, args.names)
+    if args.command == "token":
+        return _token(settings, args)
+    if args.command == "call":
+        return _call(settings, args)
     if args.command == "run":
         from worker.app import run_forever
 
