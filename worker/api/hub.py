@@ -87,8 +87,16 @@ class Message:
     node_id: str | None
     payload: dict[str, Any]
 
+    _text: str | None = None
+
     def wire(self) -> dict[str, Any]:
         return {**self.payload, "id": self.id}
+
+    def text(self) -> str:
+        """The wire form as JSON, made once however many clients get it."""
+        if self._text is None:
+            self._text = json.dumps(self.wire())
+        return self._text
 
 
 @dataclass(eq=False)
@@ -384,7 +392,7 @@ async def _pump(
     while not reader.done():
         batch = await hub.next_batch(client, min(1.0, max(0.0, next_ping - loop.time())))
         for message in batch:
-            if not await _send(websocket, json.dumps(message.wire())):
+            if not await _send(websocket, message.text()):
                 hub.dropped += 1
                 log.info("hub client not reading; dropped", extra={"last_id": client.last_id})
                 with contextlib.suppress(Exception):
