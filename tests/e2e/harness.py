@@ -250,6 +250,7 @@ async def running_worker(
     *,
     database_url: str | None = None,
     jwt_secret: str | None = None,
+    api: dict[str, Any] | None = None,
 ) -> AsyncIterator[Worker]:
     """A Worker on free loopback ports, closed on the way out. With ``database_url`` it keeps
     its journal and outbox there and serves the API on a free port (``jwt_secret`` signs its
@@ -261,7 +262,7 @@ async def running_worker(
         store = {
             "store": True,
             "database_url": database_url,
-            "api": {"port": 0, "jwt_secret": jwt_secret},
+            "api": {"port": 0, "jwt_secret": jwt_secret, **(api or {})},
         }
     settings = load_settings(
         None,
