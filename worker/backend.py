@@ -1,11 +1,13 @@
 """The worker's durable side, built when ``store`` is on: PostgreSQL (the private one in
 ``data_dir/postgres``, or ``database_url``), the schema, the outbox writer subscribed to the
-event bus, the hub reading the outbox, and the API server.
+event bus, the hub reading the outbox, the webhook dispatcher, the upstream push (when
+``events.hub_url`` is set), and the API server.
 
-Start order: database (migrated), writer, hub, API; stop order: the writer flushes (bounded)
-first, then the API, the hub, the pool and the private server. A database that cannot be
-reached at start is not fatal: calls go on, the writer spools events to disk and the schema is
-applied when the database first answers.
+Start order: database (migrated), writer, webhook dispatcher, upstream push, hub, API; stop
+order: the writer flushes (bounded) first, then the dispatcher (deliveries in flight finish,
+bounded), the push, the API, the hub, the pool and the private server. A database that cannot
+be reached at start is not fatal: calls go on, the writer spools events to disk and the schema
+is applied when the database first answers.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from worker.api.hub import Hub
 from worker.api.server import ApiServer
 from worker.config import Settings
 from worker.events.bus import EventBus
+from worker.events.upstream import UpstreamPusher
+from worker.events.webhooks import WebhookDispatcher
 from worker.store.embedded import EmbeddedPostgres
 from worker.store.journal import Written
 from worker.store.outbox import OutboxWriter
@@ -50,6 +54,8 @@ class Backend:
         self.pool: Any = None
         self.writer: OutboxWriter | None = None
         self.hub: Hub | None = None
+        self.webhooks: WebhookDispatcher | None = None
+        self.upstream: UpstreamPusher | None = None
         self.api: ApiServer | None = None
         self.verifier = TokenVerifier(settings.api, settings.data_dir)
         self._migrated = False
@@ -75,6 +81,14 @@ class Backend:
         self.writer = OutboxWriter(self.connection, spool, self.worker_id, written=self._written)
         self.bus.subscribe(self.writer)
         self.writer.start()
+        self.webhooks = WebhookDispatcher(self.pool, settings.events, self.worker_id)
+        self.webhooks.start()
+        events = settings.events
+        if events.hub_url is not None and events.hub_secret is not None:
+            self.upstream = UpstreamPusher(
+                self.pool, events.hub_url, events.hub_secret, self.worker_id
+            )
+            self.upstream.start()
         self.hub = Hub(self.pool, self._listen_connection, settings.api.hub_queue_events)
         await self.hub.start()
         if settings.api.enabled:
@@ -112,6 +126,10 @@ class Backend:
         return await asyncpg.connect(self.url)
 
     def _written(self, rows: list[Written]) -> None:
+        if self.webhooks is not None:
+            self.webhooks.notify()
+        if self.upstream is not None:
+            self.upstream.wake()
         if self.hub is not None:
             for workspace in {row.workspace_id for row in rows}:
                 self.hub.notify(workspace)
@@ -119,6 +137,10 @@ class Backend:
     async def close(self) -> None:
         if self.writer is not None:
             await self.writer.close(FLUSH_S)
+        if self.webhooks is not None:
+            await self.webhooks.close(FLUSH_S)
+        if self.upstream is not None:
+            await self.upstream.close()
         if self.api is not None:
             await self.api.close()
         if self.hub is not None:

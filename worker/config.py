@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 from worker.errors import ConfigError
+from worker.events.signing import secret_key
 
 Codec = Literal["PCMU", "PCMA"]
 
@@ -193,9 +194,11 @@ class EventSettings(_Section):
     """How long a failing delivery is retried (exponential backoff) before it is dead."""
     webhook_max_backoff_s: float = Field(3600.0, gt=0)
     hub_url: str | None = None
-    """The API's hub to push every event to (``ws(s)://`` or ``http(s)://``); None: no push."""
+    """The API's hub to push every event to, in signed HTTP batches (``http(s)://``); None: no
+    push."""
     hub_secret: str | None = None
-    """Signs the pushed batches (Standard Webhooks HMAC); required with ``hub_url``."""
+    """Signs the pushed batches (Standard Webhooks: ``whsec_`` and base64); required with
+    ``hub_url``."""
 
 
 class RouteSettings(_Section):
@@ -277,8 +280,17 @@ class Settings(BaseSettings):
             )
         if not self.ingress:
             raise ValueError("ingress must name at least one of sip, ari")
-        if self.events.hub_url is not None and not self.events.hub_secret:
-            raise ValueError("events.hub_url needs events.hub_secret to sign what it pushes")
+        if self.events.hub_url is not None:
+            if not self.events.hub_url.startswith(("http://", "https://")):
+                raise ValueError(
+                    f"events.hub_url must be http:// or https://, not {self.events.hub_url!r}"
+                )
+            if not self.events.hub_secret:
+                raise ValueError("events.hub_url needs events.hub_secret to sign what it pushes")
+            try:
+                secret_key(self.events.hub_secret)
+            except ValueError as exc:
+                raise ValueError(f"events.hub_secret: {exc}") from None
         if self.api.jwt_secret and self.api.jwt_public_key:
             raise ValueError("set api.jwt_secret (HS256) or api.jwt_public_key (RS256), not both")
         return self

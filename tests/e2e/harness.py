@@ -251,10 +251,12 @@ async def running_worker(
     database_url: str | None = None,
     jwt_secret: str | None = None,
     api: dict[str, Any] | None = None,
+    events: dict[str, Any] | None = None,
 ) -> AsyncIterator[Worker]:
     """A Worker on free loopback ports, closed on the way out. With ``database_url`` it keeps
     its journal and outbox there and serves the API on a free port (``jwt_secret`` signs its
-    tokens); without, events only go to the JSONL file."""
+    tokens; ``api`` and ``events`` add to those sections); without, events only go to the JSONL
+    file."""
     sip_port = free_port()
     rtp_low = free_port()
     store: dict[str, Any] = {"store": False}
@@ -263,6 +265,7 @@ async def running_worker(
             "store": True,
             "database_url": database_url,
             "api": {"port": 0, "jwt_secret": jwt_secret, **(api or {})},
+            "events": events or {},
         }
     settings = load_settings(
         None,

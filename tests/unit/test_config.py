@@ -78,6 +78,26 @@ class TestSettingsErrors:
         with pytest.raises(ConfigError, match="port_max"):
             load_settings(None, rtp={"port_min": 20000, "port_max": 20001})
 
+    @pytest.mark.parametrize(
+        ("events", "why"),
+        [
+            ({"hub_url": "wss://hub.example/in", "hub_secret": "whsec_" + "A" * 32}, "http://"),
+            ({"hub_url": "https://hub.example/in"}, "needs events.hub_secret"),
+            ({"hub_url": "https://hub.example/in", "hub_secret": "plain"}, "hub_secret: .*whsec_"),
+            ({"hub_url": "https://hub.example/in", "hub_secret": "whsec_QUJD"}, "24 to 64 bytes"),
+        ],
+    )
+    def test_upstream_push_needs_an_http_url_and_a_whsec_secret(
+        self, events: dict[str, str], why: str
+    ) -> None:
+        with pytest.raises(ConfigError, match=why):
+            load_settings(None, events=events)
+
+    def test_a_good_upstream_push_loads(self) -> None:
+        secret = "whsec_" + "A" * 32
+        settings = load_settings(None, events={"hub_url": "https://h/in", "hub_secret": secret})
+        assert settings.events.hub_url == "https://h/in"
+
 
 class TestRoutes:
     @pytest.mark.parametrize(
