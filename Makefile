@@ -34,6 +34,7 @@ bench: setup
 	$(PY) scripts/bench_sip.py
 	$(PY) scripts/bench_flood.py
 	$(PY) scripts/bench_ari.py
+	$(PY) scripts/bench_events.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info .coverage

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import jwt
 import pytest
 import websockets
@@ -157,9 +158,12 @@ class TestHubAuthorisation:
     ) -> None:
         async with store_worker(tmp_path, database_url) as worker:
             url = f"ws://127.0.0.1:{api_port(worker)}/ws/events/1?token={bad}"
-            with pytest.raises((ConnectionClosed, InvalidStatus)):
-                async with websockets.connect(url) as ws:
+            async with websockets.connect(url) as ws:
+                with pytest.raises(ConnectionClosed) as closed:
                     await asyncio.wait_for(ws.recv(), WAIT)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1008
+        assert "token" in closed.value.rcvd.reason
 
     async def test_operator_sees_every_workspace(self, tmp_path: Path, database_url: str) -> None:
         async with store_worker(tmp_path, database_url) as worker:
@@ -341,7 +345,99 @@ class TestSse:
                         events.append(json.loads(line[6:]))
                     if len(events) == 8:
                         break
+            async with httpx.AsyncClient(timeout=WAIT) as client:
+                spec = (
+                    await client.get(f"http://127.0.0.1:{api_port(worker)}/openapi.json")
+                ).json()
         assert [e["event_type"] for e in events] == [e.type for e in call_events("s1")] + [
             "journal.new"
         ]
         assert all(e["event_type"] == e["type"] for e in events)
+        # each data object is exactly one member of the documented union (platform seed: "a
+        # discriminated union on the event_type field")
+        stream = spec["paths"]["/events/{workspace_id}/stream"]["get"]["responses"]["200"]
+        ref = stream["content"]["text/event-stream"]["schema"]["$ref"]
+        union = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]
+        assert union["discriminator"]["propertyName"] == "event_type"
+        validator = jsonschema.Draft202012Validator({**spec, "$ref": ref})
+        for event in events:
+            validator.validate(event)
+            target = union["discriminator"]["mapping"][event["event_type"]]
+            jsonschema.Draft202012Validator({**spec, "$ref": target}).validate(event)
+        with pytest.raises(jsonschema.ValidationError):
+            validator.validate({**events[0], "event_type": "call.unknown"})
+
+
+class TestObserver:
+    """platform-events-sse-and-observer.txt, "Observer Events": one call's transcripts (``type``
+    ``user_transcript`` / ``agent_transcript`` with their seed fields), DTMF and status."""
+
+    async def test_one_calls_past_and_live_events_then_closed(
+        self, tmp_path: Path, database_url: str
+    ) -> None:
+        events = call_events("o1")
+        async with store_worker(tmp_path, database_url) as worker:
+            publish(worker, events[:3] + call_events("other"))  # started, ringing, in-progress
+            assert worker.backend is not None
+            assert worker.backend.writer is not None
+            assert await worker.backend.writer.flush(WAIT)
+            url = f"ws://127.0.0.1:{api_port(worker)}/ws/calls/o1/observe?token={token()}"
+            async with websockets.connect(url) as ws:
+                past = await receive(ws, 2)
+                publish(worker, events[3:])  # dtmf, agent and user transcripts, done
+                live = await receive(ws, 4)
+                with pytest.raises(ConnectionClosed) as closed:
+                    await asyncio.wait_for(ws.recv(), WAIT)
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1000
+        assert [(m["type"], m.get("status")) for m in past] == [
+            ("status", "ringing"),
+            ("status", "in-progress"),
+        ]
+        dtmf, agent, user, done = live
+        assert dtmf["type"] == "dtmf"
+        assert dtmf["digit"] == "5"
+        assert agent["type"] == "agent_transcript"
+        assert agent["transcript"] == "Hello!"
+        assert {"action", "interrupted", "streaming"} <= set(agent)
+        assert user["type"] == "user_transcript"
+        assert user["transcript"] == "Hi."
+        assert user["speaker_role"] == "user"
+        assert {"state", "speaker_id"} <= set(user)
+        assert done == {"type": "status", "status": "completed", "id": done["id"]}
+        ids = [m["id"] for m in past + live]
+        assert ids == sorted(ids)
+
+    async def test_unknown_call_other_workspace_and_bad_token(
+        self, tmp_path: Path, database_url: str
+    ) -> None:
+        async with store_worker(tmp_path, database_url) as worker:
+            publish(worker, call_events("o2", workspace=2))
+            assert worker.backend is not None
+            assert worker.backend.writer is not None
+            assert await worker.backend.writer.flush(WAIT)
+            base = f"ws://127.0.0.1:{api_port(worker)}/ws/calls"
+            for call in ("nope", "o2"):  # a call of workspace 2 is not found for a member of 1
+                with pytest.raises(InvalidStatus) as refused:
+                    async with websockets.connect(f"{base}/{call}/observe?token={token()}"):
+                        pass
+                assert refused.value.response.status_code == 404
+            other = token(workspaces=[2])
+            async with websockets.connect(f"{base}/o2/observe?token={other}") as ws:
+                got = await receive(ws, 6)  # a finished call: all of it, then closed
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), WAIT)
+            assert [m["type"] for m in got] == [
+                "status",
+                "status",
+                "dtmf",
+                "agent_transcript",
+                "user_transcript",
+                "status",
+            ]
+            assert got[-1]["status"] == "completed"
+            async with websockets.connect(f"{base}/o2/observe?token=garbage") as ws:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await asyncio.wait_for(ws.recv(), WAIT)
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == 1008

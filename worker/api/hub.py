@@ -359,7 +359,7 @@ async def events_socket(
         who = _ws_principal(websocket, token)
         who.check(workspace_id)
     except AuthError as exc:
-        await websocket.close(code=CLOSE_POLICY, reason=str(exc)[:120])
+        await _close_unauthenticated(websocket, exc)
         return
     except ForbiddenError as exc:
         # A refused handshake: HTTP 403 (the seed: non-members get a 403).
@@ -457,11 +457,53 @@ async def _read_client(
                 )
 
 
+STREAM_EVENT = "StreamEvent"
+"""The OpenAPI name of one SSE ``data:`` object: the event union, discriminated on
+``event_type`` (``app.py`` adds the schemas; see ``stream_event_schemas``)."""
+
+
+def stream_event_schemas() -> dict[str, Any]:
+    """OpenAPI component schemas of every event as the SSE stream sends it (the event's fields,
+    its outbox ``id`` and ``event_type``, equal to ``type``) and ``StreamEvent``, their union
+    discriminated on ``event_type`` (the platform seed's typed SDK union)."""
+    from pydantic import TypeAdapter
+
+    from worker.events.models import Event
+
+    ref = "#/components/schemas/{model}"
+    schema = TypeAdapter(Event).json_schema(ref_template=ref, mode="serialization")
+    schemas: dict[str, Any] = {}
+    mapping: dict[str, str] = {}
+    for name, model in schema.get("$defs", {}).items():
+        kind = model.get("properties", {}).get("type", {}).get("const")
+        if kind is None:
+            schemas[name] = model  # a nested model
+            continue
+        model["properties"]["id"] = {"type": "integer", "description": "the outbox id"}
+        model["properties"]["event_type"] = {"type": "string", "const": kind, "enum": [kind]}
+        model["required"] = sorted({*model.get("required", []), "id", "event_type", "type"})
+        schemas[name] = model
+        mapping[kind] = ref.format(model=name)
+    schemas[STREAM_EVENT] = {
+        "oneOf": [{"$ref": target} for target in mapping.values()],
+        "discriminator": {"propertyName": "event_type", "mapping": mapping},
+    }
+    return schemas
+
+
 @router.get(
     "/events/{workspace_id}/stream",
     tags=["events"],
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={
+        200: {
+            "description": "``id:``, ``event:`` and ``data:`` lines; each ``data`` is a"
+            " StreamEvent",
+            "content": {
+                "text/event-stream": {"schema": {"$ref": f"#/components/schemas/{STREAM_EVENT}"}}
+            },
+        }
+    },
 )
 async def events_stream(
     request: Request,
@@ -524,7 +566,7 @@ async def observe_call(websocket: WebSocket, call_id: str, token: str | None = N
     try:
         who = _ws_principal(websocket, token)
     except AuthError as exc:
-        await websocket.close(code=CLOSE_POLICY, reason=str(exc)[:120])
+        await _close_unauthenticated(websocket, exc)
         return
     async with ctx.pool.acquire() as conn:
         workspace = await conn.fetchval(
@@ -543,6 +585,9 @@ async def observe_call(websocket: WebSocket, call_id: str, token: str | None = N
             shown = observer_message(past) if past.id <= client.last_id else None
             if shown is not None:
                 await websocket.send_text(json.dumps(shown))
+            if shown is not None and past.type == "call.done":  # over before we came
+                await websocket.close(code=1000)
+                return
         while True:
             batch = await hub.next_batch(client, ctx.settings.api.hub_ping_interval_s)
             if not batch and not await _send(websocket, '{"type":"ping"}'):
@@ -558,6 +603,14 @@ async def observe_call(websocket: WebSocket, call_id: str, token: str | None = N
         return
     finally:
         hub.unsubscribe(client)
+
+
+async def _close_unauthenticated(websocket: WebSocket, exc: AuthError) -> None:
+    """The seed: "invalid or expired tokens close the socket immediately". Accepted and closed
+    at once with 1008 and the reason, so a browser's ``onclose`` can read why (a refused
+    handshake would show only 1006)."""
+    await websocket.accept()
+    await websocket.close(code=CLOSE_POLICY, reason=str(exc)[:120])
 
 
 def _json_response(body: dict[str, Any], status: int) -> Any:
