@@ -706,7 +706,8 @@ class TestRfc3261Section13_3_1_4AckNeverComes:
             assert end.cause == "ack-timeout"
             assert call.ended_at is not None
             assert call.answered_at is not None
-            assert 3.2 <= call.ended_at - call.answered_at < 4.5
+            # uvloop keeps timers in whole milliseconds: timer H may fire up to 1 ms early
+            assert 3.2 - 0.001 <= call.ended_at - call.answered_at < 4.5
             assert len(result.received("SIP/2.0 200")) >= 5  # the 2xx, retransmitted
             assert len(result.received("BYE ")) == 1
             await worker.assert_released()
