@@ -64,7 +64,7 @@ class WorkerProcess:
         rtp = free_port()
         self.config = folder / "worker.toml"
         self.config.write_text(
-            f'data_dir = "{folder / "data"}"\ndatabase_url = "{database_url}"\n'
+            f'data_dir = "{folder / "data"}"\ndatabase_url = "{database_url}"\nprocesses = 1\n'
             f'[log]\nformat = "json"\nlevel = "warning"\n[sip]\nport = {sip}\n'
             f"[rtp]\nport_min = {rtp}\nport_max = {rtp + 20}\n"
             f'[api]\nport = {self.api_port}\njwt_secret = "{SECRET}"\n'

@@ -71,6 +71,7 @@ class WorkerProcess:
         self.config.write_text(
             f"""data_dir = "{workdir / "data"}"
 store = false
+processes = 1
 {top}
 
 [log]

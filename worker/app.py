@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import socket
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import uvloop
@@ -27,6 +29,7 @@ from worker.backend import Backend, BackendError
 from worker.config import RouteSettings, Settings
 from worker.errors import ConfigError
 from worker.events.bus import EventBus, JsonlSink
+from worker.front.shard import owned_call_id
 from worker.legs import Leg
 from worker.log import setup_logging
 from worker.pacer import MediaPacer
@@ -36,6 +39,7 @@ from worker.session.drivers import driver_for
 from worker.session.fetch import AudioFetcher
 from worker.session.session import CallSession, SessionResult, SessionServices
 from worker.session.tts import EspeakSynthesizer
+from worker.sip.transport import WireFactory
 from worker.sip.ua import UserAgent
 
 log = logging.getLogger("worker.app")
@@ -50,14 +54,29 @@ class StartError(Exception):
     """The worker cannot start; the message names the setting to change."""
 
 
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """This worker is media process ``index`` of ``processes`` behind the front
+    (``worker.front``): its SIP goes through ``wire``, the calls it places get Call-IDs that
+    fall on it, its events go to ``events.<index>.jsonl`` and its own spool, and only process 0
+    runs the ARI ingress."""
+
+    index: int
+    processes: int
+    wire: WireFactory
+
+
 class Worker:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, shard: Shard | None = None) -> None:
         self.settings = settings
+        self.shard = shard
         self.pacer: MediaPacer | None = None
         self.ua: UserAgent | None = None
         self.stasis: StasisApp | None = None
         self.backend: Backend | None = None
         self.worker_id = settings.worker_id or f"{socket.gethostname()}:{settings.sip.port}"
+        if shard is not None:
+            self.worker_id += f"/{shard.index}"
         self._tasks: set[asyncio.Task[Any]] = set()
         rtp = settings.rtp
         self.ports = RtpPortPool(rtp.host, rtp.port_min, rtp.port_max, nat_latch=rtp.nat_latch)
@@ -76,14 +95,31 @@ class Worker:
         loop = asyncio.get_running_loop()
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.pacer = MediaPacer(loop)
+        shard = self.shard
         if "sip" in self.settings.ingress:
-            self.ua = UserAgent(self.settings, self.on_incoming, ports=self.ports)
-        if "ari" in self.settings.ingress:
+            if shard is None:
+                self.ua = UserAgent(self.settings, self.on_incoming, ports=self.ports)
+            else:
+                self.ua = UserAgent(
+                    self.settings,
+                    self.on_incoming,
+                    ports=self.ports,
+                    wire=shard.wire,
+                    new_call_id=functools.partial(owned_call_id, shard.index, shard.processes),
+                )
+        if "ari" in self.settings.ingress and (shard is None or shard.index == 0):
             self.stasis = StasisApp(self.settings, self.ports, self.on_incoming)
-        self.sink = JsonlSink(self.settings.data_dir / "events.jsonl")
+        events = "events.jsonl" if shard is None else f"events.{shard.index}.jsonl"
+        self.sink = JsonlSink(self.settings.data_dir / events)
         self.bus.subscribe(self.sink)
         if self.settings.store:
-            self.backend = Backend(self.settings, self.bus, self.worker_id)
+            self.backend = Backend(
+                self.settings,
+                self.bus,
+                self.worker_id,
+                role="all" if shard is None else "media",
+                spool_name=events,
+            )
             try:
                 await self.backend.start(self.call_out)
             except BackendError as exc:
@@ -148,19 +184,23 @@ class Worker:
         if self.sink is not None:
             await self.sink.close()
 
+    async def wait_idle(self, within_s: float) -> bool:
+        """Wait, at most ``within_s``, until no call is running; True if none is."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while self.sessions and loop.time() < deadline:
+            self._sessions_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sessions_changed.wait(), deadline - loop.time())
+        return not self.sessions
+
     async def _end_sessions(self) -> None:
         sessions = list(self.sessions.values())
         for session in sessions:
             session.hangup("shutdown", 503)
         if not sessions:
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + SHUTDOWN_GRACE_S
-        while self.sessions and loop.time() < deadline:
-            self._sessions_changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._sessions_changed.wait(), deadline - loop.time())
-        if self.sessions:
+        if not await self.wait_idle(SHUTDOWN_GRACE_S):
             log.warning("sessions still running at shutdown", extra={"count": len(self.sessions)})
 
     async def on_incoming(self, leg: Leg) -> None:
@@ -289,30 +329,61 @@ class Worker:
         return result
 
 
-async def serve(settings: Settings, stop: asyncio.Event) -> None:
+async def serve(settings: Settings, stop: asyncio.Event, now: asyncio.Event) -> None:
+    """One process doing everything until ``stop``; then drain: new calls get 503, live calls
+    may go on for ``drain_grace_s`` (or until ``now``), then they are hung up."""
     worker = Worker(settings)
     await worker.start()
     try:
         await stop.wait()
+        if worker.sessions and settings.drain_grace_s > 0:
+            if worker.ua is not None:
+                worker.ua.core.draining = True
+            log.info(
+                "draining: no new calls",
+                extra={"calls": len(worker.sessions), "grace_s": settings.drain_grace_s},
+            )
+            idle = asyncio.ensure_future(worker.wait_idle(settings.drain_grace_s))
+            cut = asyncio.ensure_future(now.wait())
+            await asyncio.wait({idle, cut}, return_when=asyncio.FIRST_COMPLETED)
+            idle.cancel()
+            cut.cancel()
     finally:
         await worker.close()
 
 
 def run_forever(settings: Settings) -> int:
-    """Run until SIGINT or SIGTERM; returns the process exit code."""
+    """Run until SIGINT or SIGTERM; returns the process exit code. The first signal drains
+    (``drain_grace_s``), a second one ends the calls at once. With ``processes`` other than 1
+    (0: one per core) the front runs the calls in that many media processes (``worker.front``).
+    """
+    from worker.front.front import FrontError, process_count
+    from worker.front.front import serve as serve_front
+
     setup_logging(settings.log.level, settings.log.format)
+    several = process_count(settings) > 1
 
     async def main() -> None:
         stop = asyncio.Event()
+        now = asyncio.Event()
+
+        def signalled() -> None:
+            if stop.is_set():
+                now.set()
+            stop.set()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
+                loop.add_signal_handler(sig, signalled)
+        if several:
+            await serve_front(settings, stop, now)
+        else:
+            await serve(settings, stop, now)
 
     try:
         uvloop.run(main())
-    except StartError as exc:
+    except (StartError, FrontError, ConfigError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     return 0

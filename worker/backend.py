@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
@@ -45,10 +45,24 @@ class BackendError(Exception):
 
 
 class Backend:
-    def __init__(self, settings: Settings, bus: EventBus, worker_id: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        bus: EventBus,
+        worker_id: str,
+        *,
+        role: Literal["all", "front", "media"] = "all",
+        spool_name: str = "events.jsonl",
+    ) -> None:
+        """``role``: ``all`` (one worker process does everything), ``front`` (the front of
+        several media processes: the private PostgreSQL, hub, API, webhooks and upstream push,
+        no writer: it has no calls) or ``media`` (a media process: only the outbox writer,
+        with its own spool ``data_dir/spool/<spool_name>``)."""
         self.settings = settings
         self.bus = bus
         self.worker_id = worker_id
+        self.role = role
+        self.spool_name = spool_name
         self.embedded: EmbeddedPostgres | None = None
         self.url = settings.database_url or ""
         self.pool: Any = None
@@ -75,12 +89,17 @@ class Backend:
                 "PostgreSQL not reachable at start; events wait on disk until it is",
                 extra={"error": str(exc) or type(exc).__name__},
             )
-        spool = Spool(
-            settings.data_dir / "spool" / "events.jsonl", settings.events.spool_max_events
-        )
-        self.writer = OutboxWriter(self.connection, spool, self.worker_id, written=self._written)
-        self.bus.subscribe(self.writer)
-        self.writer.start()
+        if self.role != "front":
+            spool = Spool(
+                settings.data_dir / "spool" / self.spool_name, settings.events.spool_max_events
+            )
+            self.writer = OutboxWriter(
+                self.connection, spool, self.worker_id, written=self._written
+            )
+            self.bus.subscribe(self.writer)
+            self.writer.start()
+        if self.role == "media":
+            return  # the front serves what the outbox holds
         self.webhooks = WebhookDispatcher(self.pool, settings.events, self.worker_id)
         self.webhooks.start()
         events = settings.events

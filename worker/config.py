@@ -250,6 +250,12 @@ class Settings(BaseSettings):
     """PostgreSQL for the journal and the event outbox; None: a private server in data_dir."""
     worker_id: str | None = None
     """This worker's name in the journal and in webhook claims; None: host name and port."""
+    processes: int = Field(0, ge=0, le=256)
+    """Media processes behind the one SIP address (``aispinner-worker run``): 0 = one per CPU
+    core, 1 = a single process doing everything."""
+    drain_grace_s: float = Field(30.0, ge=0)
+    """On SIGTERM: how long live calls may go on (no new ones are taken) before they are hung
+    up and the worker exits."""
     api: ApiSettings = ApiSettings()
     events: EventSettings = EventSettings()
     routes: list[RouteSettings] = Field(

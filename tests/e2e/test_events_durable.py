@@ -53,6 +53,7 @@ class WorkerProcess:
             f'data_dir = "{folder / "data"}"\n'
             f'database_url = "{database_url}"\n'
             f'worker_id = "{folder.name}"\n'
+            "processes = 1\n"  # one process per worker: tests/e2e/test_processes.py has more
             '[log]\nformat = "json"\n'
             f"[sip]\nport = {self.sip_port}\n"
             f"[rtp]\nport_min = {rtp}\nport_max = {rtp + 100}\n"

@@ -301,11 +301,22 @@ def _ignore_failure(reason: str, now: float) -> None:
 class UserAgentCore:
     """See the module docstring. ``port`` is our SIP port as written in Via and Contact."""
 
-    def __init__(self, settings: Settings, *, port: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        port: int | None = None,
+        new_call_id: Callable[[str | None], str] = generate_call_id,
+    ) -> None:
         self.settings = settings
         sip = settings.sip
         self.host = sip.public_host or sip.host
         self.port = sip.port if port is None else port
+        self.new_call_id = new_call_id
+        """Makes the Call-ID of each call and registration this UA starts (a media process
+        behind a front picks ones that fall on itself: ``worker.front.shard``)."""
+        self.draining = False
+        """Set when the worker stops taking calls: new INVITEs get 503 with Retry-After."""
         self.layer = TransactionLayer(
             timers=Timers(t1=sip.t1_ms / 1000, t2=sip.t2_ms / 1000, t4=sip.t4_ms / 1000),
             send_trying=False,  # 100 Trying only once an INVITE is admitted (rule 10)
@@ -739,6 +750,10 @@ class UserAgentCore:
             self.counters.over_capacity += 1
             self._refuse(event, 503, "Too Many Calls", now, [("Retry-After", "5")])
             return
+        if self.draining:
+            self.counters.over_capacity += 1
+            self._refuse(event, 503, "Shutting Down", now, [("Retry-After", "5")])
+            return
         require = request.headers.get("Require")
         if require:
             self._refuse(event, 420, None, now, [("Unsupported", require)])
@@ -1136,7 +1151,7 @@ class UserAgentCore:
         trunk = self.settings.trunks[trunk_name]
         transport = Transport.TCP if trunk.transport == "tcp" else Transport.UDP
         local_tag = generate_tag()
-        call_id = generate_call_id(self.host)
+        call_id = self.new_call_id(self.host)
         caller = from_user or trunk.from_user or "worker"
         domain = trunk.from_domain or trunk.host
         uri = SipUri(user=number, host=trunk.host, port=trunk.port)
@@ -1339,7 +1354,7 @@ class UserAgentCore:
         reg = Registration(
             trunk=name,
             settings=trunk,
-            call_id=generate_call_id(self.host),
+            call_id=self.new_call_id(self.host),
             tag=generate_tag(),
             digest=DigestClient(trunk.username or "", trunk.password or ""),
         )

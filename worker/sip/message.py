@@ -950,6 +950,8 @@ class SipResponse(SipMessage):
     reason: str
     headers: Headers = field(default_factory=Headers)
     body: bytes = b""
+    raw: bytes = field(default=b"", compare=False, repr=False)
+    """The message exactly as it came off the wire (empty for responses we build)."""
 
     def start_line(self) -> str:
         return f"{SIP_VERSION} {self.status} {self.reason}"
@@ -1145,8 +1147,7 @@ def _finish(head: _Head, data: bytes | bytearray, body_start: int) -> Message:
     else:
         body = bytes(data[body_start : body_start + length])
     message.body = body
-    if isinstance(message, SipRequest):
-        message.raw = bytes(data[: body_start + len(body)])
+    message.raw = bytes(data[: body_start + len(body)])
     return message
 
 

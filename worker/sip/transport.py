@@ -18,7 +18,7 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, Protocol, cast
 
 from worker.log import LogThrottle
 from worker.sip.message import (
@@ -120,6 +120,31 @@ class _Tcp(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
+
+
+class SipWire(Protocol):
+    """What the user agent needs of its transport: ``SipTransport`` (its own sockets) or, in a
+    media process behind the front, ``worker.front.media.FrontWire`` (the front's sockets)."""
+
+    port: int
+    counters: TransportCounters
+    connections: dict[Address, Any]
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def send(
+        self,
+        data: bytes,
+        destination: Address,
+        transport: Transport,
+        on_failure: SendFailed | None = None,
+    ) -> None: ...
+
+
+WireFactory = Callable[[MessageHandler, ErrorHandler], SipWire]
+"""Builds a user agent's wire around its two input handlers."""
 
 
 class SipTransport:

@@ -36,9 +36,9 @@ from worker.sip.core import (
     UserAgentCore,
 )
 from worker.sip.leg import SipLeg
-from worker.sip.message import Message, SipMessageError
+from worker.sip.message import Message, SipMessageError, generate_call_id
 from worker.sip.transaction import OutgoingMessage, Transport
-from worker.sip.transport import SipTransport
+from worker.sip.transport import SipTransport, SipWire, WireFactory
 
 IncomingHandler = Callable[[SipLeg], Awaitable[None]]
 
@@ -58,22 +58,28 @@ class UserAgent:
         on_incoming: IncomingHandler | None = None,
         *,
         ports: RtpPortPool | None = None,
+        wire: WireFactory | None = None,
+        new_call_id: Callable[[str | None], str] = generate_call_id,
     ) -> None:
         self.settings = settings
         sip = settings.sip
         self.on_incoming = on_incoming
-        self.core = UserAgentCore(settings)
-        self.transport = SipTransport(
-            sip.host,
-            sip.port,
-            self._on_message,
-            self._on_parse_error,
-            max_message_bytes=sip.max_message_bytes,
-            transports=tuple(sip.transports),
-            receive_buffer_bytes=sip.receive_buffer_bytes,
-            tcp_max_per_source=sip.tcp_max_connections_per_source,
-            tcp_message_timeout_s=sip.tcp_message_timeout_s,
-        )
+        self.core = UserAgentCore(settings, new_call_id=new_call_id)
+        self.transport: SipWire
+        if wire is not None:
+            self.transport = wire(self._on_message, self._on_parse_error)
+        else:
+            self.transport = SipTransport(
+                sip.host,
+                sip.port,
+                self._on_message,
+                self._on_parse_error,
+                max_message_bytes=sip.max_message_bytes,
+                transports=tuple(sip.transports),
+                receive_buffer_bytes=sip.receive_buffer_bytes,
+                tcp_max_per_source=sip.tcp_max_connections_per_source,
+                tcp_message_timeout_s=sip.tcp_message_timeout_s,
+            )
         rtp = settings.rtp
         self.rtp = ports or RtpPortPool(
             rtp.host, rtp.port_min, rtp.port_max, nat_latch=rtp.nat_latch

@@ -1,0 +1,272 @@
+"""``aispinner-worker run`` with two media processes behind one SIP address (worker/front),
+driven by SIPp over UDP and TCP: calls spread over both processes; a media process killed
+with SIGKILL loses only its own calls and is started again; SIGTERM drains, with one process
+too (new INVITEs get 503, live calls finish, then everything exits 0); a malformed request
+(a bad CSeq) gets its 400 from the front."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.harness import SCENARIOS
+from tests.sipp import Sipp, SippResult, free_port
+
+WAIT = 20.0
+
+
+class FrontProcess:
+    """``aispinner-worker run`` with ``processes = 2``, an echo route, events to JSONL."""
+
+    def __init__(self, folder: Path, processes: int = 2) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        self.processes = processes
+        self.sip_port = free_port()
+        rtp = free_port()
+        self.config = folder / "worker.toml"
+        self.config.write_text(
+            f'data_dir = "{folder / "data"}"\n'
+            f"store = false\nprocesses = {processes}\ndrain_grace_s = 15.0\n"
+            '[log]\nformat = "json"\n'
+            f'[sip]\nhost = "127.0.0.1"\nport = {self.sip_port}\n'
+            f'[rtp]\nhost = "127.0.0.1"\nport_min = {rtp}\nport_max = {rtp + 199}\n'
+            '[[routes]]\nmatch = "*"\naction = "echo"\nrecord = false\n',
+            encoding="utf-8",
+        )
+        self.log_path = folder / "worker.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AISPINNER_")}
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "worker.cli", "--config", str(self.config), "run"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        self.wait_for("front listening" if self.processes > 1 else "sip user agent listening")
+
+    def lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    def wait_for(self, message: str, count: int = 1) -> dict[str, Any]:
+        deadline = time.monotonic() + WAIT
+        while True:
+            found = [line for line in self.lines() if line.get("msg") == message]
+            if len(found) >= count:
+                return found[count - 1]
+            assert self.process is not None
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"no {message!r} in the log: {self.tail()}")
+            time.sleep(0.05)
+
+    def tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def pids(self) -> list[int]:
+        pids = self.wait_for("front listening")["pids"]
+        assert isinstance(pids, list)
+        return [int(p) for p in pids]
+
+    def done_by_process(self) -> dict[int, list[dict[str, Any]]]:
+        out: dict[int, list[dict[str, Any]]] = {}
+        for index in (0, 1):
+            path = self.folder / "data" / f"events.{index}.jsonl"
+            events = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+            out[index] = [e for e in events if e["type"] == "call.done"]
+        return out
+
+    def stop(self) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(WAIT + 15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@contextlib.asynccontextmanager
+async def front(folder: Path) -> AsyncIterator[FrontProcess]:
+    process = FrontProcess(folder)
+    await asyncio.to_thread(process.start)
+    try:
+        yield process
+    finally:
+        code = await asyncio.to_thread(process.stop)
+        assert code == 0, process.tail()
+        # the media processes end with the front
+        for pid in _children_of(process):
+            assert not _alive(pid), f"media process {pid} outlived the front"
+
+
+def _children_of(process: FrontProcess) -> list[int]:
+    pids: list[int] = []
+    for line in process.lines():
+        if line.get("msg") == "front listening":
+            pids += [int(p) for p in line["pids"]]
+        if line.get("msg") == "media process ready" and "pid" in line:
+            pids.append(int(line["pid"]))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by anyone) counts as gone
+    with contextlib.suppress(OSError):
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+    return False
+
+
+def talkers(folder: Path, port: int, calls: int, duration_ms: int, *extra: str) -> Sipp:
+    return Sipp(
+        workdir=folder,
+        remote=f"127.0.0.1:{port}",
+        args=["-sf", str(SCENARIOS / "uac_talk_bye.xml"), "-s", "echo", "-m", str(calls),
+              "-l", str(calls), "-r", str(calls), "-d", str(duration_ms), *extra],
+        timeout_s=30.0,
+        trace_msg=False,
+    )  # fmt: skip
+
+
+async def run(sipp: Sipp) -> SippResult:
+    await sipp.start()
+    return await sipp.wait()
+
+
+def invite(port: int, call_id: str, local_port: int, *, cseq: str = "1 INVITE") -> bytes:
+    lines = [
+        f"INVITE sip:echo@127.0.0.1:{port} SIP/2.0",
+        f"Via: SIP/2.0/UDP 127.0.0.1:{local_port};branch=z9hG4bK-{call_id}",
+        "Max-Forwards: 70",
+        f"From: <sip:t@127.0.0.1:{local_port}>;tag=a1",
+        f"To: <sip:echo@127.0.0.1:{port}>",
+        f"Call-ID: {call_id}",
+        f"CSeq: {cseq}",
+        f"Contact: <sip:t@127.0.0.1:{local_port}>",
+        "Content-Length: 0",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def first_final(sock: socket.socket) -> str:
+    """The status line of the first non-100 response on ``sock``."""
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        sock.settimeout(max(0.1, deadline - time.monotonic()))
+        data = sock.recv(65535).decode(errors="replace")
+        status = data.split("\r\n", 1)[0]
+        if not status.startswith("SIP/2.0 100"):
+            return status
+    raise AssertionError("no final response")
+
+
+class TestOneSipAddressTwoMediaProcesses:
+    async def test_calls_over_udp_and_tcp_spread_over_both(self, tmp_path: Path) -> None:
+        async with front(tmp_path / "w") as worker:
+            udp = await run(talkers(tmp_path / "udp", worker.sip_port, 12, 800))
+            tcp = await run(talkers(tmp_path / "tcp", worker.sip_port, 4, 800, "-t", "t1"))
+            assert udp.returncode == 0, udp.explain()
+            assert tcp.returncode == 0, tcp.explain()
+            assert udp.stat("SuccessfulCall") == 12
+            assert tcp.stat("SuccessfulCall") == 4
+            deadline = time.monotonic() + WAIT
+            while sum(map(len, worker.done_by_process().values())) < 16:
+                assert time.monotonic() < deadline, worker.done_by_process()
+                await asyncio.sleep(0.1)
+            done = worker.done_by_process()
+        assert all(len(calls) >= 1 for calls in done.values()), done  # 2 * 2**-16 to fail
+        assert all(e["status"] == "completed" for calls in done.values() for e in calls)
+
+    async def test_a_killed_media_process_loses_only_its_calls_and_is_replaced(
+        self, tmp_path: Path
+    ) -> None:
+        async with front(tmp_path / "w") as worker:
+            first, second = worker.pids()
+            calls = talkers(tmp_path / "long", worker.sip_port, 12, 4000)
+            await calls.start()
+            await asyncio.sleep(2.0)  # every call answered and talking
+            os.kill(first, signal.SIGKILL)
+            result = await calls.wait()
+            restarted = await asyncio.to_thread(worker.wait_for, "media process ready", 3)
+            assert restarted["index"] == 0
+            assert int(restarted["pid"]) not in (first, second)
+            survivors = worker.done_by_process()[1]
+            # the other process's calls went on to the end; the killed one's did not
+            assert result.stat("SuccessfulCall") == len(survivors)
+            assert 1 <= len(survivors) <= 11
+            assert result.stat("FailedCall") == 12 - len(survivors)
+            assert _alive(second)
+            after = await run(talkers(tmp_path / "after", worker.sip_port, 6, 300))
+            assert after.returncode == 0, after.explain()
+            assert after.stat("SuccessfulCall") == 6
+
+    @pytest.mark.parametrize("processes", [1, 2])
+    async def test_sigterm_refuses_new_calls_and_lets_live_ones_finish(
+        self, tmp_path: Path, processes: int
+    ) -> None:
+        worker = FrontProcess(tmp_path / "w", processes)
+        await asyncio.to_thread(worker.start)
+        try:
+            calls = talkers(tmp_path / "live", worker.sip_port, 4, 4000)
+            await calls.start()
+            await asyncio.sleep(2.0)  # SIPp places the 4 calls within the first second
+            assert worker.process is not None
+            worker.process.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(worker.wait_for, "draining: no new calls", processes)
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.bind(("127.0.0.1", 0))
+                local = sock.getsockname()[1]
+                for n in range(4):  # Call-IDs for both processes, most likely
+                    sock.sendto(
+                        invite(worker.sip_port, f"late-{n}", local), ("127.0.0.1", worker.sip_port)
+                    )
+                    assert first_final(sock).startswith("SIP/2.0 503"), n
+            result = await calls.wait()
+            assert result.returncode == 0, result.explain()
+            assert result.stat("SuccessfulCall") == 4
+            code = await asyncio.to_thread(worker.process.wait, WAIT)
+        finally:
+            if worker.process is not None and worker.process.poll() is None:
+                worker.process.kill()
+                worker.process.wait()
+        assert code == 0, worker.tail()
+        for pid in worker.pids() if processes > 1 else []:
+            assert not _alive(pid)
+
+    async def test_a_malformed_request_gets_400_from_the_front(self, tmp_path: Path) -> None:
+        async with front(tmp_path / "w") as worker:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.bind(("127.0.0.1", 0))
+                local = sock.getsockname()[1]
+                message = invite(worker.sip_port, "x", local, cseq="one INVITE")
+                sock.sendto(message, ("127.0.0.1", worker.sip_port))
+                assert first_final(sock).startswith("SIP/2.0 400")
+                sock.sendto(b"\x00\x01garbage", ("127.0.0.1", worker.sip_port))
+                # unanswerable: dropped; the front still serves
+                ok = await run(talkers(tmp_path / "ok", worker.sip_port, 2, 300))
+            assert ok.returncode == 0, ok.explain()

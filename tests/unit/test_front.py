@@ -1,0 +1,138 @@
+"""worker/front without processes: which process owns a Call-ID, the frames between the front
+and a media process (and what a bad frame does), and each media process's share of the
+settings."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import zlib
+from collections import Counter
+
+import pytest
+
+from worker.config import load_settings
+from worker.errors import ConfigError
+from worker.front.front import media_settings, process_count
+from worker.front.ipc import (
+    ControlFrame,
+    FrameError,
+    SipFrame,
+    decode,
+    encode_control,
+    encode_sip,
+)
+from worker.front.shard import owned_call_id, shard_of
+from worker.sip.transaction import Transport
+
+
+class TestShard:
+    def test_crc32_of_the_call_id_modulo_the_processes(self) -> None:
+        call_id = "a84b4c76e66710@pc33.atlanta.example.com"
+        assert shard_of(call_id, 3) == zlib.crc32(call_id.encode()) % 3
+        assert shard_of(call_id, 1) == 0
+
+    def test_every_message_of_a_dialog_goes_to_one_process(self) -> None:
+        assert len({shard_of("same-call@host", 4) for _ in range(10)}) == 1
+
+    def test_random_call_ids_spread_evenly(self) -> None:
+        counts = Counter(shard_of(owned_call_id(0, 1), 4) for _ in range(4000))
+        assert set(counts) == {0, 1, 2, 3}
+        assert all(800 <= n <= 1200 for n in counts.values()), counts
+
+    @pytest.mark.parametrize("processes", [1, 2, 3, 8])
+    def test_a_process_places_calls_with_call_ids_that_fall_on_it(self, processes: int) -> None:
+        for index in range(processes):
+            for _ in range(20):
+                call_id = owned_call_id(index, processes, "10.0.0.1")
+                assert call_id.endswith("@10.0.0.1")
+                assert shard_of(call_id, processes) == index
+
+    def test_an_index_outside_the_processes_is_refused(self) -> None:
+        with pytest.raises(ValueError, match=r"not in 0\.\.1"):
+            owned_call_id(2, 2)
+
+
+class TestFrames:
+    @pytest.mark.parametrize("transport", [Transport.UDP, Transport.TCP])
+    @pytest.mark.parametrize("peer", [("127.0.0.1", 5060), ("::1", 65535), ("10.1.2.3", 1)])
+    def test_sip_frames_round_trip(self, transport: Transport, peer: tuple[str, int]) -> None:
+        data = b"INVITE sip:echo@127.0.0.1 SIP/2.0\r\nCall-ID: x\r\n\r\n"
+        assert decode(encode_sip(transport, peer, data)) == SipFrame(transport, peer, data)
+
+    def test_an_empty_message_is_a_frame_too(self) -> None:
+        assert decode(encode_sip(Transport.UDP, ("h", 1), b"")) == SipFrame(
+            Transport.UDP, ("h", 1), b""
+        )
+
+    def test_control_frames_round_trip(self) -> None:
+        message = {"op": "call", "id": 7, "number": "+1555", "route": None}
+        frame = decode(encode_control(message))
+        assert isinstance(frame, ControlFrame)
+        assert frame.op == "call"
+        assert frame.message == message
+
+    @pytest.mark.parametrize(
+        ("frame", "why"),
+        [
+            (b"", "empty"),
+            (b"X123", "unknown frame kind"),
+            (b"S", "cut short"),
+            (b"SU\x13\xc4\x09127.0", "cut short"),
+            (b"SZ\x13\xc4\x01h", "unknown transport"),
+            (b"SU\x13\xc4\x01\xff", "not ASCII"),
+            (b"J{not json", "not JSON"),
+            (b"J[1, 2]", "JSON object"),
+            (b"J\xff\xfe", "not JSON"),
+        ],
+    )
+    def test_bad_frames_raise_frame_error(self, frame: bytes, why: str) -> None:
+        with pytest.raises(FrameError, match=why):
+            decode(frame)
+
+    def test_a_host_too_long_for_the_header_is_refused(self) -> None:
+        with pytest.raises(FrameError, match="host too long"):
+            encode_sip(Transport.UDP, ("h" * 256, 1), b"")
+
+    def test_control_frames_are_compact_json(self) -> None:
+        assert encode_control({"op": "ready", "index": 1}) == b'J{"op":"ready","index":1}'
+        assert json.loads(encode_control({"op": "x"})[1:]) == {"op": "x"}
+
+
+class TestMediaSettings:
+    def test_rtp_ports_split_in_even_aligned_slices_that_do_not_overlap(self) -> None:
+        settings = load_settings(None, rtp={"port_min": 20001, "port_max": 20400})
+        slices = [media_settings(settings, i, 3, None).rtp for i in range(3)]
+        for rtp in slices:
+            assert rtp.port_min % 2 == 0
+            assert rtp.port_max % 2 == 1
+            assert 20001 <= rtp.port_min < rtp.port_max <= 20400
+        for a, b in itertools.pairwise(slices):
+            assert a.port_max < b.port_min
+
+    def test_capacity_and_rate_limits_are_shared(self) -> None:
+        settings = load_settings(
+            None, sip={"max_calls": 301, "rate_limit_per_second": 200, "rate_limit_burst": 401}
+        )
+        sip = media_settings(settings, 0, 2, None).sip
+        assert sip.max_calls == 151
+        assert sip.rate_limit_per_second == 100
+        assert sip.rate_limit_burst == 201
+
+    def test_the_front_serves_the_api_and_the_media_processes_share_its_database(self) -> None:
+        settings = load_settings(None, store=True)
+        child = media_settings(settings, 1, 2, "postgresql://x@127.0.0.1/db")
+        assert child.api.enabled is False
+        assert child.database_url == "postgresql://x@127.0.0.1/db"
+        assert child.processes == 1
+        assert settings.api.enabled is True  # the front's own settings are untouched
+
+    def test_too_few_ports_for_the_processes_is_a_config_error(self) -> None:
+        settings = load_settings(None, rtp={"port_min": 20000, "port_max": 20015})
+        with pytest.raises(ConfigError, match="too small for 4 processes"):
+            media_settings(settings, 0, 4, None)
+
+    def test_zero_processes_means_one_per_core(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr("os.cpu_count", lambda: 6)
+        assert process_count(load_settings(None, processes=0)) == 6
+        assert process_count(load_settings(None, processes=3)) == 3
