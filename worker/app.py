@@ -23,6 +23,7 @@ from typing import Any
 
 import uvloop
 
+from worker import gcpause
 from worker.ari.client import AriAuthError
 from worker.ari.stasis import StasisApp
 from worker.backend import Backend, BackendError
@@ -32,6 +33,7 @@ from worker.events.bus import EventBus, JsonlSink
 from worker.front.shard import owned_call_id
 from worker.legs import Leg
 from worker.log import setup_logging
+from worker.metrics import MetricsServer, process_metrics
 from worker.pacer import MediaPacer
 from worker.rtp import RtpPortPool
 from worker.session.clock import LoopClock
@@ -90,6 +92,7 @@ class Worker:
         """Calls running right now, by call sid."""
         self._sessions_changed = asyncio.Event()
         self._closed = False
+        self.metrics_server: MetricsServer | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -125,6 +128,19 @@ class Worker:
             except BackendError as exc:
                 await self.close()
                 raise StartError(str(exc)) from exc
+        metrics = self.settings.metrics
+        if metrics.enabled and self.shard is None:  # behind a front, the front serves them
+            server = MetricsServer(process_metrics().render, metrics.host, metrics.port)
+            try:
+                await server.start()
+            except OSError as exc:
+                await self.close()
+                raise StartError(
+                    f"cannot serve metrics on {metrics.host}:{metrics.port}"
+                    f" ({exc.strerror or exc}): set metrics.host / metrics.port"
+                    " (AISPINNER_METRICS__PORT) to a free address, or metrics.enabled = false"
+                ) from exc
+            self.metrics_server = server
         prompts = self.settings.data_dir / "prompts"
         prompts.mkdir(exist_ok=True)
         self.fetcher = AudioFetcher(
@@ -173,6 +189,8 @@ class Worker:
             task.cancel()
         if self.backend is not None:
             await self.backend.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         if self.stasis is not None:
             await self.stasis.close()
         if self.ua is not None:
@@ -334,6 +352,8 @@ async def serve(settings: Settings, stop: asyncio.Event, now: asyncio.Event) -> 
     may go on for ``drain_grace_s`` (or until ``now``), then they are hung up."""
     worker = Worker(settings)
     await worker.start()
+    frozen = gcpause.settle()
+    log.info("started", extra={"gc_frozen_objects": frozen})
     try:
         await stop.wait()
         if worker.sessions and settings.drain_grace_s > 0:

@@ -29,6 +29,7 @@ from worker.config import Settings
 from worker.events.bus import EventBus
 from worker.events.upstream import UpstreamPusher
 from worker.events.webhooks import WebhookDispatcher
+from worker.metrics import Render
 from worker.store.embedded import EmbeddedPostgres
 from worker.store.journal import Written
 from worker.store.outbox import OutboxWriter
@@ -53,6 +54,7 @@ class Backend:
         *,
         role: Literal["all", "front", "media"] = "all",
         spool_name: str = "events.jsonl",
+        metrics: Render | None = None,
     ) -> None:
         """``role``: ``all`` (one worker process does everything), ``front`` (the front of
         several media processes: the private PostgreSQL, hub, API, webhooks and upstream push,
@@ -63,6 +65,8 @@ class Backend:
         self.worker_id = worker_id
         self.role = role
         self.spool_name = spool_name
+        self.metrics = metrics
+        """What ``GET /metrics`` serves; None: this process's own figures."""
         self.embedded: EmbeddedPostgres | None = None
         self.url = settings.database_url or ""
         self.pool: Any = None
@@ -118,6 +122,7 @@ class Backend:
                 hub=self.hub,
                 place_call=place_call,
                 worker_id=self.worker_id,
+                metrics=self.metrics,
             )
             self.api = ApiServer(create_app(context), settings.api.host, settings.api.port)
             try:

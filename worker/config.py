@@ -183,6 +183,15 @@ class ApiSettings(_Section):
     max_request_bytes: int = Field(1024 * 1024, ge=1024)
 
 
+class MetricsSettings(_Section):
+    """Prometheus metrics (``GET /metrics``) on an address of their own, for a worker whose API
+    is off; the API serves them at ``/metrics`` too. No authentication: a private address."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(9464, ge=0, le=65535)
+
+
 class EventSettings(_Section):
     """Where events go besides the hub: the on-disk spool, webhooks, an upstream hub."""
 
@@ -258,6 +267,7 @@ class Settings(BaseSettings):
     up and the worker exits."""
     api: ApiSettings = ApiSettings()
     events: EventSettings = EventSettings()
+    metrics: MetricsSettings = MetricsSettings()
     routes: list[RouteSettings] = Field(
         default_factory=lambda: [RouteSettings(match="echo", action="echo", record=False)]
     )

@@ -19,7 +19,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.harness import SCENARIOS
 from tests.sipp import Sipp, SippResult, free_port
@@ -35,6 +37,7 @@ class FrontProcess:
         self.folder = folder
         self.processes = processes
         self.sip_port = free_port()
+        self.metrics_port = free_port()
         rtp = free_port()
         self.config = folder / "worker.toml"
         self.config.write_text(
@@ -43,6 +46,7 @@ class FrontProcess:
             '[log]\nformat = "json"\n'
             f'[sip]\nhost = "127.0.0.1"\nport = {self.sip_port}\n'
             f'[rtp]\nhost = "127.0.0.1"\nport_min = {rtp}\nport_max = {rtp + 199}\n'
+            f'[metrics]\nenabled = true\nhost = "127.0.0.1"\nport = {self.metrics_port}\n'
             '[[routes]]\nmatch = "*"\naction = "echo"\nrecord = false\n',
             encoding="utf-8",
         )
@@ -94,6 +98,14 @@ class FrontProcess:
             events = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
             out[index] = [e for e in events if e["type"] == "call.done"]
         return out
+
+    async def until_done(self, calls: int) -> dict[int, list[dict[str, Any]]]:
+        """``done_by_process`` once ``calls`` calls have their ``call.done`` written."""
+        deadline = time.monotonic() + WAIT
+        while sum(map(len, (done := self.done_by_process()).values())) < calls:
+            assert time.monotonic() < deadline, done
+            await asyncio.sleep(0.1)
+        return done
 
     def stop(self) -> int:
         assert self.process is not None
@@ -194,13 +206,34 @@ class TestOneSipAddressTwoMediaProcesses:
             assert tcp.returncode == 0, tcp.explain()
             assert udp.stat("SuccessfulCall") == 12
             assert tcp.stat("SuccessfulCall") == 4
-            deadline = time.monotonic() + WAIT
-            while sum(map(len, worker.done_by_process().values())) < 16:
-                assert time.monotonic() < deadline, worker.done_by_process()
-                await asyncio.sleep(0.1)
-            done = worker.done_by_process()
+            done = await worker.until_done(16)
         assert all(len(calls) >= 1 for calls in done.values()), done  # 2 * 2**-16 to fail
         assert all(e["status"] == "completed" for calls in done.values() for e in calls)
+
+    async def test_the_front_serves_every_processs_metrics_labelled_by_process(
+        self, tmp_path: Path
+    ) -> None:
+        async with front(tmp_path / "w") as worker:
+            calls = await run(talkers(tmp_path / "c", worker.sip_port, 8, 300))
+            assert calls.returncode == 0, calls.explain()
+            await worker.until_done(8)
+            async with httpx.AsyncClient(timeout=WAIT) as client:
+                response = await client.get(f"http://127.0.0.1:{worker.metrics_port}/metrics")
+            done = worker.done_by_process()
+        assert response.status_code == 200
+        setups: dict[str, float] = {}
+        seen: set[str] = set()
+        for family in text_string_to_metric_families(response.text):
+            for sample in family.samples:
+                seen.add(sample.labels.get("process", ""))
+                if sample.name == "aispinner_call_setups_total":
+                    process = sample.labels["process"]
+                    setups[process] = setups.get(process, 0.0) + sample.value
+        assert seen >= {"front", "0", "1"}
+        # each media process counts the calls it carried, as its events file says
+        assert setups.get("0", 0.0) == len(done[0])
+        assert setups.get("1", 0.0) == len(done[1])
+        assert setups.get("0", 0.0) + setups.get("1", 0.0) == 8
 
     async def test_a_killed_media_process_loses_only_its_calls_and_is_replaced(
         self, tmp_path: Path

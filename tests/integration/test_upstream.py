@@ -126,7 +126,7 @@ class TestUpstreamPush:
             pusher.start()
             try:
                 for _ in range(100):
-                    if hub.batches:
+                    if pusher.pushed == 8:  # acknowledged and the cursor moved past it
                         break
                     await asyncio.sleep(0.1)
             finally:

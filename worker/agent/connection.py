@@ -22,7 +22,8 @@ Rules:
 4. Audio lanes: ``send_audio`` / ``send_media`` are synchronous and never block. Frames wait in an
    :class:`AudioQueue` bounded in milliseconds of audio; when it is full the oldest frames are
    dropped and counted, so a stalled agent never adds more than ``max_queue_ms`` of latency.
-   ``send_text`` (DTMF, marks, ``playDone``) jumps ahead of queued audio.
+   ``send_text`` (DTMF, marks, ``playDone``) jumps ahead of queued audio. An open audio lane is
+   read at scrape time by ``metrics`` (``worker.metrics``: queued audio, drops), when given.
 5. Unsolicited events go to ``on_event`` in arrival order; an exception in it is logged and
    never stops the connection. Closing is idempotent, leaves no task behind and takes at most
    about three ``close_timeout`` (drain, closing handshake, reader) even against a stalled peer.
@@ -76,6 +77,7 @@ from worker.agent.listen_audio import ListenAudioProtocol, ListenEvent
 from worker.agent.twilio import TwilioEvent, TwilioStream
 from worker.agent.verbs import Hook
 from worker.errors import LocalError, RemoteError
+from worker.metrics import WorkerMetrics
 
 __all__ = [
     "AUDIO_MAX_SIZE",
@@ -444,8 +446,10 @@ class _AudioLaneConnection(Generic[_E]):
         max_size: int,
         on_event: Callable[[_E], None] | None,
         logger: Logger | None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.url = url
+        self._metrics = metrics
         self.log: Logger = logger if logger is not None else _log
         self.open_timeout = open_timeout
         self.close_timeout = close_timeout
@@ -543,6 +547,8 @@ class _AudioLaneConnection(Generic[_E]):
             ws.transport.abort()
             raise
         self._ws = ws
+        if self._metrics is not None:
+            self._metrics.lane_opened(self)
         self.log.info("agent socket open", extra={"url": shown, "subprotocol": self.subprotocol})
         self._writer = asyncio.create_task(self._write_loop(ws), name=f"{shown} writer")
         self._reader = asyncio.create_task(self._read_loop(ws), name=f"{shown} reader")
@@ -640,6 +646,8 @@ class _AudioLaneConnection(Generic[_E]):
             await _cancel_and_wait(self._writer, self._reader)
             if ws is not None:
                 self._report_closed(*_closed_code(ws))
+            if self._metrics is not None:
+                self._metrics.lane_closed(self)
             if self.dropped_frames:
                 self.log.info(
                     "agent audio dropped",
@@ -675,6 +683,7 @@ class ListenConnection(_AudioLaneConnection[ListenConnectionEvent]):
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
         max_size: int = AUDIO_MAX_SIZE,
         logger: Logger | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         channels = 2 if protocol.mix_type == "stereo" else 1
         super().__init__(
@@ -687,6 +696,7 @@ class ListenConnection(_AudioLaneConnection[ListenConnectionEvent]):
             max_size=max_size,
             on_event=on_event,
             logger=logger,
+            metrics=metrics,
         )
         self.protocol = protocol
         self.metadata_text = metadata_text
@@ -738,6 +748,7 @@ class TwilioConnection(_AudioLaneConnection[TwilioConnectionEvent]):
         close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
         max_size: int = AUDIO_MAX_SIZE,
         logger: Logger | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         super().__init__(
             url,
@@ -749,6 +760,7 @@ class TwilioConnection(_AudioLaneConnection[TwilioConnectionEvent]):
             max_size=max_size,
             on_event=on_event,
             logger=logger,
+            metrics=metrics,
         )
         self.stream = stream
 

@@ -1,11 +1,13 @@
 """The FastAPI application: error handling (every error is ``{"detail": "..."}`` with 401, 403,
 404, 409, 413, 422 or 429, never a stack trace), the request size limit, authentication
-dependencies, ``/healthz``, and the routers: ``journal`` (the telephony REST endpoints),
-``hub`` (realtime WebSocket, SSE, per-call observer) and ``webhooks``.
+dependencies, ``/healthz``, ``/metrics`` (Prometheus, without authentication: for a scrape on
+a private address), and the routers: ``journal`` (the telephony REST endpoints), ``hub``
+(realtime WebSocket, SSE, per-call observer) and ``webhooks``.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -18,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from worker import __version__
 from worker.api.auth import AuthError, ForbiddenError, Principal
 from worker.api.context import ApiContext
+from worker.metrics import CONTENT_TYPE, process_metrics
 
 
 def context(request: Request) -> ApiContext:
@@ -96,6 +99,22 @@ def create_app(ctx: ApiContext) -> FastAPI:
         except Exception:
             database = False
         return {"status": "ok", "database": database, "worker_id": ctx.worker_id}
+
+    render = ctx.metrics if ctx.metrics is not None else process_metrics().render
+
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        response_class=Response,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}},
+    )
+    async def metrics() -> Response:
+        """The worker's Prometheus metrics (text format 0.0.4; the README lists them). No
+        token: serve the API on a private address, or scrape the metrics server instead."""
+        body = render()
+        if inspect.isawaitable(body):
+            body = await body
+        return Response(content=body, media_type=CONTENT_TYPE)
 
     app.include_router(journal.router)
     app.include_router(hub.router)

@@ -1,5 +1,6 @@
 """What the API's handlers reach: settings, the token verifier, the database pool, the hub,
-and the worker's way to place a call. Built once by the worker (``worker.app``)."""
+the worker's way to place a call, and what ``GET /metrics`` serves. Built once by the worker
+(``worker.app``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from worker.api.auth import TokenVerifier
 from worker.api.hub import Hub
 from worker.config import Settings
+from worker.metrics import Render
 
 PlaceCall = Callable[[str, str, str | None, str | None], Awaitable[str]]
 """(number, trunk, route match or None, caller id or None) → the new call's call_id."""
@@ -24,3 +26,7 @@ class ApiContext:
     hub: Hub
     place_call: PlaceCall | None = None
     worker_id: str = "worker"
+    metrics: Render | None = None
+    """The exposition ``GET /metrics`` serves (sync or async); None: this process's
+    ``process_metrics().render``. A front of several media processes gives a function that
+    merges theirs (``worker.metrics.merge_expositions``)."""

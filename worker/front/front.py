@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker import gcpause
 from worker.backend import Backend, BackendError
 from worker.config import Settings
 from worker.errors import ConfigError, RemoteError, WorkerError
@@ -44,6 +45,7 @@ from worker.front.channel import Channel
 from worker.front.ipc import ControlFrame, Frame, SipFrame, encode_control, encode_sip
 from worker.front.shard import shard_of
 from worker.legs import Address
+from worker.metrics import MetricsServer, merge_expositions, process_metrics
 from worker.sip.message import Message, SipMessageError, error_response, generate_tag
 from worker.sip.transaction import Transport
 from worker.sip.transport import SipTransport
@@ -58,6 +60,11 @@ STABLE_S = 10.0
 KILL_AFTER_S = 10.0
 """After the drain grace, how long the front waits for a media process before SIGKILL."""
 MIN_PORTS_PER_PROCESS = 8
+METRICS_TIMEOUT_S = 2.0
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) else -1
 
 
 class FrontError(WorkerError):
@@ -139,6 +146,7 @@ class Front:
         self._turn = 0
         self.routed = 0
         self.malformed = 0
+        self.metrics_server: MetricsServer | None = None
 
     # -- start -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -148,7 +156,9 @@ class Front:
             media_settings(settings, index, self.processes, None)  # fail early on a bad split
         if settings.store:
             base = settings.worker_id or f"{socket.gethostname()}:{settings.sip.port}"
-            self.backend = Backend(settings, EventBus(), base, role="front")
+            self.backend = Backend(
+                settings, EventBus(), base, role="front", metrics=self.render_metrics
+            )
             try:
                 await self.backend.start(self.place_call)
             except BackendError as exc:
@@ -176,6 +186,19 @@ class Front:
                 "set sip.host / sip.port (AISPINNER_SIP__HOST / AISPINNER_SIP__PORT) "
                 "to a free address"
             ) from exc
+        metrics = settings.metrics
+        if metrics.enabled:
+            server = MetricsServer(self.render_metrics, metrics.host, metrics.port)
+            try:
+                await server.start()
+            except OSError as exc:
+                await self.close()
+                raise FrontError(
+                    f"cannot serve metrics on {metrics.host}:{metrics.port}"
+                    f" ({exc.strerror or exc}): set metrics.host / metrics.port"
+                    " (AISPINNER_METRICS__PORT) to a free address, or metrics.enabled = false"
+                ) from exc
+            self.metrics_server = server
         try:
             await asyncio.gather(*(self._spawn(child) for child in self.children))
         except FrontError:
@@ -185,6 +208,7 @@ class Front:
             task = asyncio.get_running_loop().create_task(self._supervise(child))
             self._supervisors.add(task)
             task.add_done_callback(self._supervisors.discard)
+        gcpause.settle()
         log.info(
             "front listening",
             extra={
@@ -308,8 +332,8 @@ class Front:
         elif frame.op == "failed":
             if child.ready is not None and not child.ready.done():
                 child.ready.set_exception(RuntimeError(str(frame.message.get("error"))))
-        elif frame.op == "called":
-            waiter = self._calls.pop(int(frame.message.get("id", -1)), None)
+        elif frame.op in ("called", "metrics"):
+            waiter = self._calls.pop(_int(frame.message.get("id")), None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(frame.message)
         else:
@@ -356,6 +380,30 @@ class Front:
         if reply.get("kind") == "config":
             raise ConfigError(error)
         raise RemoteError(error)
+
+    # -- metrics --------------------------------------------------------------------------------
+    async def render_metrics(self) -> bytes:
+        """Every process's metrics in one exposition, each sample labelled ``process``
+        (``front``, ``0``, ``1`` ...); a media process that does not answer within
+        ``METRICS_TIMEOUT_S`` is left out of this scrape."""
+        asked: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        loop = asyncio.get_running_loop()
+        for child in self.children:
+            if child.up and child.channel is not None:
+                self._next_call += 1
+                asked[child.index] = self._calls[self._next_call] = loop.create_future()
+                child.channel.send(encode_control({"op": "metrics", "id": self._next_call}))
+        parts: dict[str, str | bytes] = {"front": process_metrics().render()}
+        if asked:
+            await asyncio.wait(asked.values(), timeout=METRICS_TIMEOUT_S)
+        for index, future in asked.items():
+            if future.done():
+                parts[str(index)] = str(future.result().get("text", ""))
+            else:
+                future.cancel()
+        for key in [k for k, f in self._calls.items() if f.done()]:
+            self._calls.pop(key, None)
+        return merge_expositions(parts)
 
     # -- stop -----------------------------------------------------------------------------------
     async def drain(self) -> None:
@@ -404,6 +452,8 @@ class Front:
             await asyncio.gather(*self._supervisors, return_exceptions=True)
         if self.transport is not None:
             await self.transport.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         if self.backend is not None:
             await self.backend.close()
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import uvloop
 
+from worker import gcpause
 from worker.app import Shard, StartError, Worker
 from worker.config import Settings
 from worker.errors import ConfigError, RemoteError
@@ -45,6 +46,7 @@ from worker.front.ipc import (
 )
 from worker.legs import Address
 from worker.log import setup_logging
+from worker.metrics import process_metrics
 from worker.sip.message import SipMessageError, is_keepalive, parse
 from worker.sip.transaction import Transport
 from worker.sip.transport import ErrorHandler, MessageHandler, SendFailed, TransportCounters
@@ -147,6 +149,7 @@ class MediaProcess:
             self.channel.send(encode_control({"op": "failed", "error": str(exc)}))
             log.error("media process cannot start", extra={"error": str(exc)})
             return 1
+        gcpause.settle()
         self.channel.send(encode_control({"op": "ready", "index": self.index}))
         log.info("media process ready", extra={"index": self.index, "pid": os.getpid()})
         await self.stop.wait()
@@ -165,6 +168,11 @@ class MediaProcess:
     def _control(self, frame: ControlFrame) -> None:
         if frame.op == "call":
             self._spawn(self._call(frame.message))
+        elif frame.op == "metrics":
+            text = process_metrics().render().decode()
+            self.channel.send(
+                encode_control({"op": "metrics", "id": frame.message.get("id"), "text": text})
+            )
         elif frame.op == "drain":
             self.grace_s = float(frame.message.get("grace_s", self.grace_s))
             self.drain()

@@ -16,7 +16,10 @@ possible:
 5. the recorder (caller left, what the caller heard right).
 
 What happened (interruption, beep, digit, marks reached) is appended to ``events``, which the
-session drains after the tick; nothing here calls out or awaits.
+session drains after the tick; nothing here calls out or awaits. With a ``timer`` (the session
+passes ``time.perf_counter``) the recorder's time is summed in ``recorder_seconds`` (and its
+frames in ``recorder_frames``), for the metrics to read at scrape time: two clock reads and
+two additions a tick, nothing formatted.
 
 Agent side, between ticks: ``agent_audio`` (streamed audio at any rate → resample → playout
 buffer), ``mark``, ``clear``, ``play`` (a prompt, 8 kHz).
@@ -115,6 +118,9 @@ class MediaPipeline:
     events: list[PipelineEvent] = field(default_factory=list)
     cleared_ms: float = 0.0  # agent audio flushed by clear() over the call
     ticks: int = 0
+    timer: Callable[[], float] | None = None
+    recorder_seconds: float = 0.0  # time in the recorder (with a timer): encoding, file writes
+    recorder_frames: int = 0
     playout: PlayoutBuffer = field(init=False)
     _vad: VoiceActivityDetector | None = field(init=False)
     _beep: BeepDetector | None = field(init=False)
@@ -200,8 +206,16 @@ class MediaPipeline:
             up = sink.combine(up, sink.out_resampler.process(out))
             if up:
                 sink.send(up)
-        if self.recorder is not None:
-            self.recorder.write_frame(caller, out)
+        recorder = self.recorder
+        if recorder is not None:
+            timer = self.timer
+            if timer is None:
+                recorder.write_frame(caller, out)
+            else:
+                started = timer()
+                recorder.write_frame(caller, out)
+                self.recorder_seconds += timer() - started
+            self.recorder_frames += 1
 
     def next_out(self) -> bytes:
         """Step 3: the frame the caller hears now (streamed audio and prompt, mixed)."""
@@ -239,5 +253,11 @@ class MediaPipeline:
                 self.events.append(InbandDigit(digit))
 
     def close(self) -> None:
-        if self.recorder is not None:
-            self.recorder.close()
+        recorder = self.recorder
+        if recorder is None:
+            return
+        timer = self.timer
+        started = timer() if timer is not None else 0.0
+        recorder.close()
+        if timer is not None:
+            self.recorder_seconds += timer() - started

@@ -13,6 +13,10 @@ the caller hears from the playout buffer; the leg sends it; the bridge's far leg
 caller's frame; ``MediaPipeline.after_send`` records both (and sends ``mixed``/``stereo``
 frames to the agent); then the tick's pipeline events (interruption, beep, in-band digits,
 marks reached) are handled. A barge-in therefore silences the very tick that heard it.
+
+Metrics (``worker.metrics``): ``run`` counts the call's setup, then its failure or hangup by
+cause; while it runs, a scrape reads its leg's RTP figures and the recorder's time
+(``metric_figures``), and at its end they go to the totals once. Nothing on the tick itself.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from worker.legs import (
     LegMediaChanged,
     LegRinging,
 )
+from worker.metrics import CallFigures, WorkerMetrics, process_metrics
 from worker.session.clock import Clock, LoopClock, wait_for
 from worker.session.pipeline import (
     SILENCE,
@@ -97,7 +102,8 @@ class PlaceCall(Protocol):
 @dataclass
 class SessionServices:
     """What sessions share: settings, the pacer, synthesizer, fetcher, the event sink, a way to
-    place calls (for ``dial``) and the clock."""
+    place calls (for ``dial``), the clock and the metrics (None: this process's
+    ``process_metrics()``)."""
 
     settings: Settings
     synthesizer: Synthesizer
@@ -106,6 +112,7 @@ class SessionServices:
     pacer: MediaClock | None = None
     place_call: PlaceCall | None = None
     clock: Clock | None = None
+    metrics: WorkerMetrics | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +193,7 @@ class CallSession:
         self.route = route
         self.services = services
         self.clock: Clock = services.clock or LoopClock()
+        self.metrics = services.metrics if services.metrics is not None else process_metrics()
         self.call_sid = str(uuid.uuid4())
         self.log = leg.log
         self.status = CallStatusMachine(self.clock.now())
@@ -194,7 +202,11 @@ class CallSession:
         self.digits: list[str] = []
         self.transcript: list[tuple[str, str, float]] = []
         self.recording_path: Path | None = None
-        self.pipeline = MediaPipeline(barge_in=route.barge_in, detect_beep=route.action == "agent")
+        self.pipeline = MediaPipeline(
+            barge_in=route.barge_in,
+            detect_beep=route.action == "agent",
+            timer=time.perf_counter,
+        )
         self.bridge: Leg | None = None
         """The far leg of a ``dial`` (``bridge_to``): its audio goes to the caller, the
         caller's to it."""
@@ -457,11 +469,22 @@ class CallSession:
                 route=self.route.match,
             )
         )
+        self.metrics.call_started(self, info.direction)
+        result: SessionResult | None = None
         try:
-            return await self._run(driver)
+            result = await self._run(driver)
+            return result
         finally:
             # Also when the worker shuts down and cancels us: no socket or task outlives the call.
-            await self._finish()
+            try:
+                await self._finish()
+            finally:
+                self.metrics.call_ended(
+                    self,
+                    info.direction,
+                    result.status if result is not None else None,
+                    result.cause if result is not None else None,
+                )
 
     async def _run(self, driver: AgentDriver) -> SessionResult:
         drive = asyncio.ensure_future(self._drive(driver))
@@ -544,6 +567,22 @@ class CallSession:
         except OSError as exc:
             self.log.warning("recording unusable", extra={"path": str(path), "why": str(exc)})
         return None
+
+    def metric_figures(self) -> CallFigures:
+        """What the call's media path has counted so far, for ``worker.metrics`` (read at scrape
+        time and once at the end)."""
+        quality = self.leg.quality()
+        pipeline = self.pipeline
+        return CallFigures(
+            packets_in=quality.packets_in,
+            packets_out=quality.packets_out,
+            lost=quality.lost,
+            late=quality.late,
+            concealed_s=quality.concealed_ms / 1000,
+            jitter_s=quality.jitter_ms / 1000,
+            recorder_s=pipeline.recorder_seconds,
+            recorder_frames=pipeline.recorder_frames,
+        )
 
     def counters(self) -> SessionCounters:
         """The call's counters so far (see :class:`SessionCounters`)."""

@@ -47,7 +47,11 @@ class TwilioDriver:
         route = session.route
         stream = tw.stream_for_call(session.call_sid, route.custom_parameters)
         connection = TwilioConnection(
-            route.agent_url or "", stream, on_event=self.on_agent_event, logger=self.log
+            route.agent_url or "",
+            stream,
+            on_event=self.on_agent_event,
+            logger=self.log,
+            metrics=session.metrics,
         )
         session.ring()
         try:

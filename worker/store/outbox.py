@@ -7,7 +7,9 @@ everything after it go to the on-disk ``Spool`` (so order is kept), and the writ
 after 1, 2, 4 ... ``RETRY_MAX_S`` seconds; once a write succeeds, the spool is replayed first.
 Calls never wait for any of this: their audio does not depend on the database.
 
-``written`` (optional) is told about every row written, for the local hub's fast path.
+``written`` (optional) is told about every row written, for the local hub's fast path. While it
+runs, ``metrics`` (``worker.metrics``; None: this process's) reads its backlog at scrape time:
+events waiting in memory (``pending``), on disk (the spool), dropped, written.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from worker.events.models import Event
+from worker.metrics import WorkerMetrics, process_metrics
 from worker.store.journal import Pending, Written, write_events
 from worker.store.spool import Spool
 
@@ -38,6 +41,7 @@ class OutboxWriter:
         worker_id: str,
         *,
         written: Callable[[list[Written]], None] | None = None,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         """``connect``: an async context manager factory giving an asyncpg connection (a pool's
         ``acquire``)."""
@@ -52,6 +56,12 @@ class OutboxWriter:
         self._task: asyncio.Task[None] | None = None
         self.events_written = 0
         self.database_ok = True
+        self._metrics = metrics
+
+    @property
+    def pending(self) -> int:
+        """Events in memory, not yet written (nor spooled)."""
+        return len(self._queue)
 
     # -- the bus's subscriber --------------------------------------------------------------------
     def deliver(self, event: Event) -> None:
@@ -61,6 +71,9 @@ class OutboxWriter:
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
+        if self._metrics is None:
+            self._metrics = process_metrics()
+        self._metrics.track_event_backlog(self)
         if len(self.spool):
             self._idle.clear()
             self._wake.set()
@@ -84,6 +97,8 @@ class OutboxWriter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._metrics is not None:
+            self._metrics.untrack_event_backlog(self)
 
     # -- the writer ------------------------------------------------------------------------------
     async def _run(self) -> None:

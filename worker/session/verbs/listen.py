@@ -68,6 +68,7 @@ async def listen(driver: JambonzDriver, verb: ListenVerb) -> None:
         password=auth.password if auth else None,
         on_event=on_event,
         logger=session.log,
+        metrics=session.metrics,
     )
     try:
         await connection.connect()
