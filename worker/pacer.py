@@ -1,13 +1,17 @@
-"""The process-wide 20 ms media clock: one timer drives every call's pacing.
+"""The process-wide 20 ms media clock, in slots: no call waits for all the others.
 
 Calls register a ``tick(now)`` callback; the pacer calls each one every 20 ms on absolute
-deadlines (no drift). If the loop stalls for more than ``max_catch_up`` ticks the lost ones are
-skipped and counted, so a stall never becomes permanent latency. A callback that raises is
-removed and reported through ``on_error``; it never stops the other calls' ticks.
+deadlines (no drift). The 20 ms are cut into ``SLOTS`` slots, ``SLOT_S`` apart, each with its
+own timer: a new call joins the slot with the fewest calls (the soonest one among equals), so
+with N calls a frame waits behind about N / SLOTS others' work, not N, and the loop gets a
+breath between slots for sockets. If the loop stalls for more than ``max_catch_up`` ticks the
+lost ones are skipped and counted, so a stall never becomes permanent latency. A callback that
+raises is removed and reported through ``on_error``; it never stops the other calls' ticks.
 
-Each tick's duration (every call's work) goes to ``aispinner_media_tick_duration_seconds`` and
-skipped ticks to ``aispinner_media_ticks_skipped_total`` (``worker.metrics``): one histogram
-observation per tick, whatever the number of calls.
+Each slot run's duration (the work of the calls in it) goes to
+``aispinner_media_tick_duration_seconds`` and skipped ticks to
+``aispinner_media_ticks_skipped_total`` (``worker.metrics``): one histogram observation per
+slot run, whatever the number of calls.
 """
 
 from __future__ import annotations
@@ -16,13 +20,24 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from worker.metrics import WorkerMetrics, process_metrics
 
 TICK_S = 0.020
+SLOTS = 10
+SLOT_S = TICK_S / SLOTS
 Tick = Callable[[float], None]
 
 log = logging.getLogger("worker.pacer")
+
+
+@dataclass(eq=False)
+class _Slot:
+    index: int
+    callbacks: dict[object, Tick] = field(default_factory=dict)
+    handle: asyncio.TimerHandle | None = None
+    deadline: float = 0.0
 
 
 class MediaPacer:
@@ -31,66 +46,99 @@ class MediaPacer:
         loop: asyncio.AbstractEventLoop,
         max_catch_up: int = 3,
         metrics: WorkerMetrics | None = None,
+        slots: int = SLOTS,
     ) -> None:
         """``metrics``: where tick durations and skipped ticks are counted (None: this
-        process's ``process_metrics()``)."""
+        process's ``process_metrics()``). ``slots``: how many timers share the 20 ms."""
+        if slots < 1:
+            raise ValueError("slots must be at least 1")
         self._loop = loop
         metrics = metrics if metrics is not None else process_metrics()
         self._observe_tick = metrics.tick_duration.observe
         self._skipped_counter = metrics.ticks_skipped
-        self._callbacks: dict[object, Tick] = {}
-        self._handle: asyncio.TimerHandle | None = None
-        self._deadline = 0.0
+        self._slots = [_Slot(i) for i in range(slots)]
+        self._slot_s = TICK_S / slots
+        self._slot_of: dict[object, _Slot] = {}
+        self._origin: float | None = None
+        """The pacer's phase: slot k's deadlines are origin + k * slot_s + n * TICK_S."""
         self._max_catch_up = max_catch_up
         self.ticks = 0
         self.skipped = 0
         self.on_error: Callable[[object, BaseException], None] | None = None
 
     def add(self, key: object, tick: Tick) -> None:
-        self._callbacks[key] = tick
-        if self._handle is None:
-            self._deadline = self._loop.time() + TICK_S
-            self._handle = self._loop.call_at(self._deadline, self._run)
+        """Tick ``key`` every 20 ms from the next deadline of the least busy slot."""
+        old = self._slot_of.get(key)
+        if old is not None:
+            old.callbacks[key] = tick
+            return
+        now = self._loop.time()
+        if self._origin is None:
+            self._origin = now
+        slot = min(self._slots, key=lambda s: (len(s.callbacks), self._next_deadline(s, now)))
+        slot.callbacks[key] = tick
+        self._slot_of[key] = slot
+        if slot.handle is None:
+            slot.deadline = self._next_deadline(slot, now)
+            slot.handle = self._loop.call_at(slot.deadline, self._run, slot)
+
+    def _next_deadline(self, slot: _Slot, now: float) -> float:
+        assert self._origin is not None
+        phase = self._origin + slot.index * self._slot_s
+        periods = max(0, int((now - phase) // TICK_S) + 1)
+        return phase + periods * TICK_S
 
     def remove(self, key: object) -> None:
-        self._callbacks.pop(key, None)
-        if not self._callbacks and self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        slot = self._slot_of.pop(key, None)
+        if slot is None:
+            return
+        slot.callbacks.pop(key, None)
+        if not slot.callbacks and slot.handle is not None:
+            slot.handle.cancel()
+            slot.handle = None
+
+    def slot_of(self, key: object) -> int | None:
+        """The slot ``key`` is ticked in (None: not registered)."""
+        slot = self._slot_of.get(key)
+        return None if slot is None else slot.index
 
     def __len__(self) -> int:
-        return len(self._callbacks)
+        return len(self._slot_of)
 
     def close(self) -> None:
-        self._callbacks.clear()
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        self._slot_of.clear()
+        for slot in self._slots:
+            slot.callbacks.clear()
+            if slot.handle is not None:
+                slot.handle.cancel()
+                slot.handle = None
 
-    def _run(self) -> None:
+    def _run(self, slot: _Slot) -> None:
         started = time.perf_counter()
         now = self._loop.time()
-        behind = int((now - self._deadline) / TICK_S)
+        behind = int((now - slot.deadline) / TICK_S)
         if behind > self._max_catch_up:
             self.skipped += behind
             self._skipped_counter.inc(behind)
-            self._deadline += behind * TICK_S
-        tick_time = self._deadline
-        for key, tick in list(self._callbacks.items()):
-            if key not in self._callbacks:
+            slot.deadline += behind * TICK_S
+        tick_time = slot.deadline
+        callbacks = slot.callbacks
+        for key, tick in list(callbacks.items()):
+            if key not in callbacks:
                 continue  # removed by an earlier callback of this tick
             try:
                 tick(tick_time)
             except Exception as exc:
-                self._callbacks.pop(key, None)
+                callbacks.pop(key, None)
+                self._slot_of.pop(key, None)
                 if self.on_error is not None:
                     self.on_error(key, exc)
                 else:
                     log.exception("media tick failed; removed", extra={"key": repr(key)})
         self.ticks += 1
         self._observe_tick(time.perf_counter() - started)
-        self._deadline += TICK_S
-        if self._callbacks:
-            self._handle = self._loop.call_at(self._deadline, self._run)
+        slot.deadline += TICK_S
+        if callbacks:
+            slot.handle = self._loop.call_at(slot.deadline, self._run, slot)
         else:
-            self._handle = None
+            slot.handle = None

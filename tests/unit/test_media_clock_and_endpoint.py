@@ -5,6 +5,8 @@ endpoint directly."""
 from __future__ import annotations
 
 import asyncio
+import itertools
+import time
 
 from media.rtp import RtpPacket
 from worker.pacer import MediaPacer
@@ -117,3 +119,66 @@ class TestRtpEndpointLatch:
         endpoint.datagram_received(rtp(4), FIRST)
         assert [p.sequence for p in got] == [1, 2, 3]
         assert endpoint.endpoint_counters.foreign_source == 1
+
+
+class TestMediaPacerSlots:
+    """The 20 ms cut into slots, each with its own timer: calls spread evenly, each ticked on
+    its slot's absolute deadlines every 20 ms, slots 2 ms apart."""
+
+    async def test_calls_spread_evenly_over_the_slots(self) -> None:
+        pacer = MediaPacer(asyncio.get_running_loop(), slots=10)
+        try:
+            for n in range(25):
+                pacer.add(n, lambda now: None)
+            counts = [0] * 10
+            for n in range(25):
+                slot = pacer.slot_of(n)
+                assert slot is not None
+                counts[slot] += 1
+            assert sorted(counts) == [2] * 5 + [3] * 5
+            pacer.remove(3)
+            assert pacer.slot_of(3) is None
+            assert len(pacer) == 24
+        finally:
+            pacer.close()
+
+    async def test_each_call_every_20_ms_and_the_slots_2_ms_apart(self) -> None:
+        pacer = MediaPacer(asyncio.get_running_loop(), slots=10)
+        times: dict[int, list[float]] = {n: [] for n in range(10)}
+        for n in range(10):
+            pacer.add(n, times[n].append)
+        try:
+            await asyncio.sleep(0.12)
+        finally:
+            pacer.close()
+        for n, seen in times.items():
+            assert len(seen) >= 4, (n, seen)
+            steps = [b - a for a, b in itertools.pairwise(seen)]
+            assert all(abs(step - 0.020) < 1e-9 for step in steps), steps
+        phases = sorted(times[n][0] for n in range(10))
+        gaps = [b - a for a, b in itertools.pairwise(phases)]
+        assert all(abs(gap - 0.002) < 1e-9 for gap in gaps), gaps
+
+    async def test_a_slow_slot_does_not_delay_another_slots_deadlines(self) -> None:
+        """One slot's stall is skipped and counted; the other slot keeps its own phase."""
+        pacer = MediaPacer(asyncio.get_running_loop(), max_catch_up=1, slots=2)
+        slow: list[float] = []
+        fast: list[float] = []
+
+        def stall(now: float) -> None:
+            slow.append(now)
+            if len(slow) == 2:
+                time.sleep(0.1)
+
+        pacer.add("slow", stall)
+        pacer.add("fast", fast.append)
+        try:
+            await asyncio.sleep(0.2)
+        finally:
+            pacer.close()
+        assert pacer.skipped >= 3
+        assert len(slow) >= 4
+        origin = fast[0]
+        assert all(abs(((t - origin) / 0.020) - round((t - origin) / 0.020)) < 1e-6 for t in fast)
+        assert all(abs(((t - slow[0]) / 0.020) - round((t - slow[0]) / 0.020)) < 1e-6 for t in slow)
+        assert abs(abs(slow[0] - origin) % 0.020 - 0.010) < 1e-9
