@@ -7,7 +7,7 @@ COVERAGE := --cov=media --cov=worker --cov-branch --cov-report=
 # the whole suite ran; a narrowed run (PYTEST_ARGS) only prints the figures.
 COVERAGE_BAR := $(if $(PYTEST_ARGS),,--fail-under 90)
 
-.PHONY: setup test lint demo bench fuzz clean
+.PHONY: setup test lint demo bench fuzz loadtest clean
 
 setup:
 	@./scripts/setup.sh
@@ -35,6 +35,11 @@ bench: setup
 	$(PY) scripts/bench_flood.py
 	$(PY) scripts/bench_ari.py
 	$(PY) scripts/bench_events.py
+
+# The load test (README, "Load test"): 100 calls at 10 per second held 30 s against a worker it
+# starts; LOADTEST_ARGS="--calls 20 --rate 5 --hold 20" (or --target HOST:PORT ...) to change.
+loadtest: setup
+	$(VENV)/bin/aispinner-worker loadtest $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info .coverage

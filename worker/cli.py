@@ -1,6 +1,7 @@
 """The ``aispinner-worker`` command line: run the worker, check and show its settings, render the
 Asterisk configuration the ARI ingress needs, push or delete the trunks it keeps in Asterisk,
-issue an API token and place a call through a running worker's API."""
+issue an API token, place a call through a running worker's API, and load-test a worker (or any
+SIP address) from outside."""
 
 from __future__ import annotations
 
@@ -47,7 +48,72 @@ def _parser() -> argparse.ArgumentParser:
         "names", nargs="*", metavar="NAME", help="trunks to act on (default: every one)"
     )
     _add_api_commands(sub)
+    _add_loadtest_command(sub)
     return parser
+
+
+def _add_loadtest_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    load = sub.add_parser(
+        "loadtest",
+        help="load a worker with SIPp callers and probe phones bridged to an echo agent; "
+        "measure CPU and memory per call, latency, jitter, loss, setup time, failures",
+        description="Start an echo agent, the worker (unless --target), probe phones and SIPp; "
+        "ramp to --calls concurrent calls at --rate per second, hold them --hold seconds; "
+        "write results.json, PNG plots and report.md into --out.",
+    )
+    load.add_argument("--calls", type=int, default=100, help="concurrent calls (default 100)")
+    load.add_argument("--rate", type=float, default=10.0, help="new calls per second (default 10)")
+    load.add_argument(
+        "--hold", type=float, default=30.0, help="seconds with every call up (default 30)"
+    )
+    load.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="the worker's media processes (default 0: one per core)",
+    )
+    load.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        help="load this SIP address instead of starting a worker (Asterisk, another worker); "
+        "its route for the dialled numbers (loadtest*) must reach the echo agent",
+    )
+    load.add_argument(
+        "--worker-pid",
+        type=int,
+        metavar="PID",
+        help="with --target: measure this process and its descendants' CPU and memory",
+    )
+    load.add_argument(
+        "--out",
+        type=Path,
+        default=Path("loadtest-results"),
+        metavar="DIR",
+        help="where results.json, the plots and report.md go (default loadtest-results)",
+    )
+    load.add_argument("--no-record", action="store_true", help="the worker records no call")
+    load.add_argument(
+        "--protocol",
+        choices=("jambonz", "twilio"),
+        default="jambonz",
+        help="how the worker talks to the echo agent (default jambonz: listen, 16 kHz)",
+    )
+    load.add_argument(
+        "--probes", type=int, default=4, help="probe phones among the calls (default 4)"
+    )
+    load.add_argument(
+        "--agent-port",
+        type=int,
+        default=0,
+        help="the echo agent's port (default: any free one; fix it for --target)",
+    )
+    load.add_argument(
+        "--agent-host", default="127.0.0.1", help="the echo agent's address (default 127.0.0.1)"
+    )
+    load.add_argument(
+        "--keep", action="store_true", help="keep the worker's data folder (recordings, events)"
+    )
+    load.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 def _add_api_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -225,8 +291,44 @@ def _call(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _loadtest(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from worker.loadtest.run import Options, run_loadtest
+
+    options = Options(
+        calls=args.calls,
+        rate=args.rate,
+        hold=args.hold,
+        processes=args.processes,
+        target=args.target,
+        out=args.out,
+        record=not args.no_record,
+        protocol=args.protocol,
+        probes=args.probes,
+        agent_host=args.agent_host,
+        agent_port=args.agent_port,
+        worker_pid=args.worker_pid,
+        keep=args.keep,
+        quiet=args.quiet,
+    )
+    try:
+        return run_loadtest(options)
+    except ConfigError as exc:
+        print(f"aispinner-worker loadtest: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, or SIGTERM
+        print(
+            "aispinner-worker loadtest: interrupted; everything it started is stopped",
+            file=sys.stderr,
+        )
+        return 130
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "loadtest":  # starts its own worker: the settings are not read
+        return _loadtest(args)
     settings = _load(args.config)
     if args.command == "config":
         print(json.dumps(settings.model_dump(mode="json"), indent=2))
