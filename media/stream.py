@@ -14,6 +14,7 @@ switches (or already queued) play as they should.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections import deque
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ class StreamCounters:
     wrong_payload_type: int = 0
     previous_codec: int = 0  # packets in a codec negotiated before the current one
     pending_dropped_bytes: int = 0
+    event_packets: int = 0  # RFC 4733 packets in the audio's own sequence (not lost audio)
 
 
 class RtpStream:
@@ -113,6 +115,10 @@ class RtpStream:
             self.jitter.push(decoded, now)
             return None
         if pt == self.telephone_event_pt:
+            if packet.ssrc == self._decoded.ssrc:
+                # It takes a sequence number of the audio stream (RFC 4733 §2.1: one RTP
+                # stream); the jitter buffer, which only sees audio, must not call it lost.
+                self.counters.event_packets += 1
             digit = self._dtmf_in.feed(packet, now)
             if digit is not None:
                 self.counters.dtmf_in += 1
@@ -151,7 +157,13 @@ class RtpStream:
 
     @property
     def jitter_stats(self) -> JitterStats:
-        return self.jitter.stats
+        """The jitter buffer's figures, with the sequence numbers RFC 4733 packets took out of
+        ``lost`` (the buffer sees only audio, so it finds a hole where each event packet was)."""
+        stats = self.jitter.stats
+        events = self.counters.event_packets
+        if events and stats.lost:
+            return dataclasses.replace(stats, lost=max(0, stats.lost - events))
+        return stats
 
     # outbound --------------------------------------------------------------------------------
     def queue_dtmf(self, digit: str, duration_ms: int = 160) -> bool:

@@ -156,12 +156,14 @@ class TestFigures:
         assert figures["pss_per_call_kb"] == 300.0
         assert figures["pss_slope_kb_per_call"] == pytest.approx(300.0)
 
-    def test_rfc4733_packets_are_not_counted_as_lost_audio(self) -> None:
-        # The worker's jitter buffer counts the sequence numbers taken by telephone-event
-        # packets as lost: 24 here (3 keys of 8 packets); one audio packet really was lost.
-        records = [{"rtp_in": 524, "rtp_played": 500, "rtp_lost": 25, "rtp_late": 0}]
+    def test_the_workers_lost_count_is_taken_as_it_is(self) -> None:
+        # 24 telephone-event packets (3 keys of 8) arrived beside 500 audio packets; the
+        # worker's rtp_lost leaves their sequence numbers out (media/stream.py), so its one lost
+        # audio packet is the loss, and the event packets are only reported.
+        records = [{"rtp_in": 524, "rtp_played": 500, "rtp_lost": 1, "rtp_late": 0}]
         loss = analysis.loss_figures([], records)["caller_to_worker"]
-        assert (loss["lost"], loss["packets"], loss["rtp_lost_logged"]) == (1, 501, 25)
+        assert (loss["lost"], loss["packets"], loss["rtp_lost_logged"]) == (1, 501, 1)
+        assert loss["non_audio_packets"] == 24
 
     def test_probe_loss_both_ways(self) -> None:
         probes = [

@@ -131,3 +131,63 @@ class TestRfc3264Section8_3_3CodecChange:
         assert after.payload_type == 8
         assert after.sequence == (first_out.sequence + 1) & 0xFFFF
         assert after.ssrc == first_out.ssrc
+
+
+class TestRfc4733Section2_1EventsShareTheAudioSequence:
+    """Events are sent in the audio's own RTP stream (same SSRC, the next sequence numbers); the
+    jitter buffer only sees audio, so the numbers an event took must not count as lost audio.
+    Real loss still counts."""
+
+    @staticmethod
+    def call(with_events: bool) -> RtpStream:
+        stream = RtpStream(PCMU, 101)
+        ssrc = 0x5EED
+        now = 0.0
+        seq = 0
+        ts = 0
+        for _ in range(10):  # 200 ms of audio
+            stream.receive(RtpPacket(0, seq, ts, ssrc, b"\xff" * 160), now)
+            seq += 1
+            ts += 160
+            now += 0.02
+            stream.pull_frame(now)
+        event_ts = ts
+        for n in range(6):  # a key press: 4 updates and the end packet sent 3 times... as 6
+            duration = min(160 * (n + 1), 640)
+            end = 0x80 if n >= 3 else 0
+            payload = bytes([5, end | 10]) + duration.to_bytes(2, "big")
+            if with_events:
+                stream.receive(RtpPacket(101, seq, event_ts, ssrc, payload, marker=n == 0), now)
+            seq += 1
+            if n < 4:
+                ts += 160
+                now += 0.02
+                stream.pull_frame(now)
+        for _ in range(15):  # audio again, after the event's duration
+            stream.receive(RtpPacket(0, seq, ts, ssrc, b"\xff" * 160), now)
+            seq += 1
+            ts += 160
+            now += 0.02
+            stream.pull_frame(now)
+        for _ in range(10):
+            now += 0.02
+            stream.pull_frame(now)
+        return stream
+
+    def test_event_packets_are_not_lost_audio(self) -> None:
+        stream = self.call(with_events=True)
+        assert stream.counters.dtmf_in == 1
+        assert stream.counters.event_packets == 6
+        assert stream.jitter.stats.lost == 6  # what the buffer alone sees
+        assert stream.jitter_stats.lost == 0
+
+    def test_the_same_numbers_really_missing_are_lost(self) -> None:
+        stream = self.call(with_events=False)
+        assert stream.counters.event_packets == 0
+        assert stream.jitter_stats.lost == 6
+
+    def test_events_from_another_ssrc_take_nothing_from_the_audio(self) -> None:
+        stream = RtpStream(PCMU, 101)
+        stream.receive(RtpPacket(0, 1, 0, 0xA, b"\xff" * 160), 0.0)
+        stream.receive(RtpPacket(101, 900, 160, 0xB, bytes([1, 0x8A, 0, 160])), 0.02)
+        assert stream.counters.event_packets == 0

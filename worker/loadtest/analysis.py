@@ -206,14 +206,14 @@ def loss_figures(
         played = lost = late = logged = other = 0
         for record in call_records:
             audio = int(record.get("rtp_played") or 0)
-            # The jitter buffer counts the sequence numbers of RFC 4733 packets (which share
-            # the stream and never reach it) as lost audio: take them back out.
+            # Packets in that were not audio (RFC 4733 events: the worker no longer counts
+            # the sequence numbers they take as lost audio, media/stream.py), for the record.
             not_audio = max(0, int(record.get("rtp_in") or 0) - audio)
             missing = int(record.get("rtp_lost") or 0)
             played += audio
             logged += missing
             other += not_audio
-            lost += max(0, missing - not_audio)
+            lost += missing
             late += int(record.get("rtp_late") or 0)
         out["caller_to_worker"] = {
             "source": "the worker's per-call jitter buffer counters (every call)",
