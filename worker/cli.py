@@ -93,6 +93,13 @@ def _add_loadtest_command(sub: argparse._SubParsersAction[argparse.ArgumentParse
     )
     load.add_argument("--no-record", action="store_true", help="the worker records no call")
     load.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="a setting of the worker it starts (repeat), e.g. rtp.jitter_min_ms=20",
+    )
+    load.add_argument(
         "--protocol",
         choices=("jambonz", "twilio"),
         default="jambonz",
@@ -291,6 +298,13 @@ def _call(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _setting(item: str) -> tuple[str, str]:
+    key, equals, value = item.partition("=")
+    if not equals:
+        raise SystemExit(f"aispinner-worker loadtest: --set {item!r}: give SECTION.KEY=VALUE")
+    return key.strip(), value.strip()
+
+
 def _loadtest(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -311,6 +325,7 @@ def _loadtest(args: argparse.Namespace) -> int:
         worker_pid=args.worker_pid,
         keep=args.keep,
         quiet=args.quiet,
+        settings=tuple(_setting(item) for item in args.set),
     )
     try:
         return run_loadtest(options)

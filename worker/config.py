@@ -77,7 +77,7 @@ class RtpSettings(_Section):
     port_min: int = Field(20000, ge=1024, le=65534)
     port_max: int = Field(30000, ge=1025, le=65535)
     inactivity_timeout_s: float = Field(30.0, gt=0)
-    jitter_min_ms: int = Field(40, ge=0)
+    jitter_min_ms: int = Field(20, ge=1)
     jitter_max_ms: int = Field(200, ge=20)
     nat_latch: bool = False
 
@@ -85,6 +85,11 @@ class RtpSettings(_Section):
     def _range(self) -> RtpSettings:
         if self.port_max - self.port_min < 2:
             raise ValueError("rtp.port_max must be at least port_min + 2")
+        if self.jitter_min_ms >= self.jitter_max_ms:
+            raise ValueError(
+                f"rtp.jitter_min_ms ({self.jitter_min_ms}) must be below rtp.jitter_max_ms"
+                f" ({self.jitter_max_ms})"
+            )
         return self
 
 

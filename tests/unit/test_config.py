@@ -85,6 +85,19 @@ class TestSettingsErrors:
             load_settings(None, rtp={"port_min": 20000, "port_max": 20001})
 
     @pytest.mark.parametrize(
+        ("rtp", "why"),
+        [
+            ({"jitter_min_ms": 0}, "jitter_min_ms"),  # the jitter buffer needs a positive floor
+            ({"jitter_min_ms": 200, "jitter_max_ms": 200}, "must be below rtp.jitter_max_ms"),
+        ],
+    )
+    def test_jitter_bounds_the_buffer_accepts(self, rtp: dict[str, int], why: str) -> None:
+        """Settings the jitter buffer would refuse (which left every call without media)
+        are refused when the settings load."""
+        with pytest.raises(ConfigError, match=why):
+            load_settings(None, rtp=rtp)
+
+    @pytest.mark.parametrize(
         ("events", "why"),
         [
             ({"hub_url": "wss://hub.example/in", "hub_secret": "whsec_" + "A" * 32}, "http://"),

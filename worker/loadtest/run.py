@@ -74,6 +74,9 @@ class Options:
     worker_pid: int | None = None
     keep: bool = False
     quiet: bool = False
+    settings: tuple[tuple[str, str], ...] = ()
+    """Worker settings to override (``rtp.jitter_min_ms``, ``20``), given to the worker it
+    starts as ``AISPINNER_RTP__JITTER_MIN_MS=20``: to compare settings under one load."""
 
     def check(self) -> None:
         if self.calls < 1:
@@ -84,6 +87,13 @@ class Options:
             raise ConfigError("--probes must be between 0 and --calls")
         if self.processes < 0:
             raise ConfigError("--processes must be 0 (one per core) or more")
+        if self.settings and self.target is not None:
+            raise ConfigError("--set changes the worker this tool starts: not with --target")
+        for key, _ in self.settings:
+            if not key or not all(part.isidentifier() for part in key.split(".")):
+                raise ConfigError(
+                    f"--set {key!r}: give SECTION.KEY=VALUE, e.g. rtp.jitter_min_ms=20"
+                )
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}")
         if self.target is not None:
@@ -647,6 +657,8 @@ class Run:
         exe = shutil.which("aispinner-worker", path=str(Path(sys.executable).parent))
         command = [exe] if exe else [sys.executable, "-m", "worker.cli"]
         env = {k: v for k, v in os.environ.items() if not k.startswith("AISPINNER_")}
+        for key, value in self.options.settings:
+            env["AISPINNER_" + key.replace(".", "__").upper()] = value
         log = out / "worker.log"
         worker = await self.children.start(
             "worker",
