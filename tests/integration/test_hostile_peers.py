@@ -263,3 +263,44 @@ class TestFinding1TimersSurviveAFault:
                 await eventually(lambda: bool(faults), within=3.0)
                 before = len(trunk.received)
                 await eventually(lambda: len(trunk.received) > before, within=3.0)
+
+
+class TestMediaThatCannotBeSetUp:
+    """A call whose media cannot be set up (here the leg's codec set-up raising, as a setting
+    the jitter buffer refuses once did) is ended, not left answered without audio; the user
+    agent takes the next call."""
+
+    async def test_the_call_ends_and_the_next_one_talks(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        real = SipLeg.apply_media
+        broken: list[str] = []
+
+        def apply_media(self: SipLeg, media: object, now: float) -> None:
+            if not broken:
+                broken.append(self.info.call_id)
+                raise ValueError("need 0 < min_ms < max_ms, got 0 and 200.0")
+            real(self, media, now)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(SipLeg, "apply_media", apply_media)
+        async with running(tmp_path) as worker:
+            async with peer_at() as (peer, port):
+                assert peer.transport is not None
+                peer.transport.sendto(invite(worker, port), ("127.0.0.1", worker.ua.port))
+                await eventually(lambda: bool(worker.calls))
+                _, end = await first_call_ended(worker)
+                assert end.cause == "worker-error"
+                await eventually(
+                    lambda: (
+                        any(r.status == 500 for r in peer.responses())
+                        or any(m.startswith(b"BYE ") for m in peer.received)
+                    )
+                )
+            assert broken == ["t1@peer"]
+            result = await sipp(
+                tmp_path, "next", worker.target, "-sn", "uac", "-d", "300",
+                "-s", "echo", "-m", "1", timeout_s=20,
+            ).run()  # fmt: skip
+            assert_ok(result)
+            assert worker.calls[-1].end is not None
+            assert worker.calls[-1].end.cause == "remote-bye"

@@ -243,7 +243,13 @@ class UserAgent:
             if leg is None:
                 return
             if isinstance(event, MediaNegotiated):
-                leg.apply_media(event.media, now)
+                try:
+                    leg.apply_media(event.media, now)
+                except Exception:
+                    # A call whose media cannot be set up ends now (500, or a BYE once
+                    # answered) rather than going on without audio.
+                    event.call.log.exception("cannot set up the call's media; ending it")
+                    self.core.hangup(event.call, "worker-error", 500, "media setup failed", now=now)
             elif isinstance(event, CallProgress):
                 leg.progress(event.phase, now)
             else:
