@@ -631,6 +631,61 @@ async def recorded(number: str, trunk: str, route: str | None, caller_id: str | 
     return f"call-{number}-{trunk}-{route}-{caller_id}"
 
 
+class TestOversizedAndMalformedRequests:
+    """Every bad request gets a 4xx with ``{"detail": ...}``: a body over
+    ``api.max_request_bytes`` (said up front, or streamed chunked with no length), JSON that
+    does not parse, a body of the wrong shape; and the worker serves the next request."""
+
+    async def test_bodies_over_the_limit_are_413(self, tmp_path: Path, database_url: str) -> None:
+        async with serving(tmp_path, database_url) as (worker, client):
+            limit = worker.settings.api.max_request_bytes
+            big = b'{"number": "+1555", "trunk": "t", "pad": "' + b"x" * limit + b'"}'
+            said = await client.post(
+                "/telephony/calls",
+                content=big,
+                headers={**auth(), "content-type": "application/json"},
+            )
+
+            async def chunks() -> AsyncIterator[bytes]:
+                for start in range(0, len(big), 64 * 1024):
+                    yield big[start : start + 64 * 1024]
+
+            streamed = await client.post(
+                "/webhooks",
+                content=chunks(),
+                headers={**auth(), "content-type": "application/json"},
+            )
+            after = await client.get("/telephony/journal", headers=auth())
+        expected = {"detail": f"request body over {limit} bytes"}
+        assert (said.status_code, said.json()) == (413, expected)
+        assert "content-length" not in streamed.request.headers  # really chunked
+        assert (streamed.status_code, streamed.json()) == (413, expected)
+        assert after.status_code == 200
+
+    @pytest.mark.parametrize(
+        ("path", "content", "detail"),
+        [
+            ("/telephony/calls", b'{"number": "+1555", "trunk":', "JSON"),
+            ("/telephony/calls", b"\xff\xfe not utf-8", "JSON"),
+            ("/telephony/calls", b'["+1555", "t"]', "dictionary"),
+            ("/webhooks", b'{"workspace_id": 1, "url": 5}', "url"),
+            ("/webhooks", b"", "body"),
+        ],
+    )
+    async def test_malformed_bodies_are_422(
+        self, tmp_path: Path, database_url: str, path: str, content: bytes, detail: str
+    ) -> None:
+        async with serving(tmp_path, database_url) as (_, client):
+            response = await client.post(
+                path, content=content, headers={**auth(), "content-type": "application/json"}
+            )
+        assert response.status_code == 422, response.text
+        body = response.json()
+        assert set(body) == {"detail"}
+        assert isinstance(body["detail"], str)
+        assert detail.lower() in body["detail"].lower(), body
+
+
 class TestPlaceCallErrors:
     """The handler's mapping of the worker's answers, with a stand-in ``place_call``."""
 

@@ -1,5 +1,5 @@
 """The FastAPI application: error handling (every error is ``{"detail": "..."}`` with 401, 403,
-404, 409, 413, 422 or 429, never a stack trace), the request size limit, authentication
+404, 409, 413 or 422, never a stack trace), the request size limit, authentication
 dependencies, ``/healthz``, ``/metrics`` (Prometheus, without authentication: for a scrape on
 a private address), and the routers: ``journal`` (the telephony REST endpoints), ``hub``
 (realtime WebSocket, SSE, per-call observer) and ``webhooks``.
@@ -8,7 +8,6 @@ a private address), and the routers: ``journal`` (the telephony REST endpoints),
 from __future__ import annotations
 
 import inspect
-from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
@@ -16,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from worker import __version__
 from worker.api.auth import AuthError, ForbiddenError, Principal
@@ -49,6 +49,39 @@ Caller = Annotated[Principal, Depends(principal)]
 Context = Annotated[ApiContext, Depends(context)]
 
 
+class BodyLimit:
+    """413 for a request body over ``limit`` bytes, whether the request says so up front
+    (``Content-Length``) or streams it (chunked, no length): the body is counted as the
+    application reads it, and the read that goes past the limit fails with 413."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit
+        detail = f"request body over {limit} bytes"
+        for name, value in scope["headers"]:
+            if name == b"content-length" and (not value.isdigit() or int(value) > limit):
+                await JSONResponse({"detail": detail}, status_code=413)(scope, receive, send)
+                return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise StarletteHTTPException(413, detail)
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def create_app(ctx: ApiContext) -> FastAPI:
     from worker.api import hub, journal, webhooks
 
@@ -60,14 +93,7 @@ def create_app(ctx: ApiContext) -> FastAPI:
     app.state.context = ctx
     limit = ctx.settings.api.max_request_bytes
 
-    @app.middleware("http")
-    async def size_limit(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return JSONResponse({"detail": f"request body over {limit} bytes"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=limit)
 
     @app.exception_handler(AuthError)
     async def unauthorized(request: Request, exc: AuthError) -> JSONResponse:
@@ -141,6 +167,9 @@ def create_app(ctx: ApiContext) -> FastAPI:
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for error in exc.errors()[:5]:
-        where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path"))
+        loc = tuple(error.get("loc", ()))
+        where = ".".join(str(p) for p in loc if p not in ("body", "query", "path"))
+        if not where and loc == ("body",):
+            where = "body"  # no body, or not a JSON object
         parts.append(f"{where}: {error.get('msg', 'invalid')}" if where else str(error.get("msg")))
     return "; ".join(parts) or "invalid request"
