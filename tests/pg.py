@@ -10,8 +10,11 @@ stop and start here do the same.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import tempfile
+import time
 import uuid
 import warnings
 from pathlib import Path
@@ -48,9 +51,18 @@ class TestPostgres:
         self.socket_dir = parse_qs(urlsplit(self.uri).query)["host"][0]
 
     def close(self) -> None:
-        if self._server is not None:
+        """Stop the server and delete its folder. pgserver's cleanup has been seen to delete
+        the folder and leave the postmaster running (a run interrupted with Ctrl-C), so the
+        postmaster's PID is read first and the process ended by it if it outlives the cleanup."""
+        if self._server is None:
+            return
+        pid = _postmaster_pid(self.pgdata)
+        try:
             self._server.cleanup()
+        finally:
             self._server = None
+            if pid is not None:
+                _end(pid, self.pgdata)
 
     def url(self, database: str) -> str:
         return f"postgresql://postgres@/{database}?host={self.socket_dir}"
@@ -104,3 +116,35 @@ class TestPostgres:
             str(self.pgdata / "log"),
             "start",
         )
+
+
+def _postmaster_pid(pgdata: Path) -> int | None:
+    try:
+        first = (pgdata / "postmaster.pid").read_text().split("\n", 1)[0].strip()
+    except OSError:
+        return None
+    return int(first) if first.isdigit() else None
+
+
+def _ours(pid: int, pgdata: Path) -> bool:
+    """Whether ``pid`` is still this server's postmaster (not a process that reused the PID)."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"postgres" in command and str(pgdata).encode() in command
+
+
+def _end(pid: int, pgdata: Path, within_s: float = 5.0) -> None:
+    """SIGTERM (PostgreSQL's smart shutdown), then SIGKILL if it is still there; only while
+    the PID is still this server's postmaster."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not _ours(pid, pgdata):
+            return
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline and _ours(pid, pgdata):
+            time.sleep(0.05)
