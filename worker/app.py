@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import signal
 import socket
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,9 +28,8 @@ from worker.ari.client import AriAuthError
 from worker.ari.stasis import StasisApp
 from worker.backend import Backend, BackendError
 from worker.config import RouteSettings, Settings
-from worker.errors import ConfigError
+from worker.errors import ConfigError, WorkerError
 from worker.events.bus import EventBus, JsonlSink
-from worker.front.shard import owned_call_id
 from worker.legs import Leg
 from worker.log import setup_logging
 from worker.metrics import MetricsServer, process_metrics
@@ -66,6 +65,8 @@ class Shard:
     index: int
     processes: int
     wire: WireFactory
+    new_call_id: Callable[[str | None], str]
+    """A Call-ID that falls on this process (``worker.front.shard.owned_call_id``)."""
 
 
 class Worker:
@@ -108,7 +109,7 @@ class Worker:
                     self.on_incoming,
                     ports=self.ports,
                     wire=shard.wire,
-                    new_call_id=functools.partial(owned_call_id, shard.index, shard.processes),
+                    new_call_id=shard.new_call_id,
                 )
         if "ari" in self.settings.ingress and (shard is None or shard.index == 0):
             self.stasis = StasisApp(self.settings, self.ports, self.on_incoming)
@@ -372,16 +373,16 @@ async def serve(settings: Settings, stop: asyncio.Event, now: asyncio.Event) -> 
         await worker.close()
 
 
-def run_forever(settings: Settings) -> int:
-    """Run until SIGINT or SIGTERM; returns the process exit code. The first signal drains
-    (``drain_grace_s``), a second one ends the calls at once. With ``processes`` other than 1
-    (0: one per core) the front runs the calls in that many media processes (``worker.front``).
-    """
-    from worker.front.front import FrontError, process_count
-    from worker.front.front import serve as serve_front
+Serve = Callable[[Settings, asyncio.Event, asyncio.Event], Awaitable[None]]
+"""Runs until the first event (drain), or the second (now)."""
 
+
+def run_forever(settings: Settings, serve_with: Serve | None = None) -> int:
+    """Run until SIGINT or SIGTERM; returns the process exit code. The first signal drains
+    (``drain_grace_s``), a second one ends the calls at once. ``serve_with``: what runs (this
+    module's ``serve``, one process; ``aispinner-worker run`` passes the front's for several)."""
     setup_logging(settings.log.level, settings.log.format)
-    several = process_count(settings) > 1
+    run = serve_with or serve
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -396,14 +397,11 @@ def run_forever(settings: Settings) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, signalled)
-        if several:
-            await serve_front(settings, stop, now)
-        else:
-            await serve(settings, stop, now)
+        await run(settings, stop, now)
 
     try:
         uvloop.run(main())
-    except (StartError, FrontError, ConfigError) as exc:
+    except (StartError, WorkerError) as exc:
         log.error("cannot start: %s", exc)
         return 1
     return 0

@@ -358,8 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _call(settings, args)
     if args.command == "run":
         from worker.app import run_forever
+        from worker.front.front import process_count
+        from worker.front.front import serve as serve_front
 
-        return run_forever(settings)
+        several = process_count(settings) > 1
+        return run_forever(settings, serve_front if several else None)
     raise AssertionError(args.command)  # pragma: no cover - argparse rejects unknown commands
 
 

@@ -22,7 +22,7 @@ from pydantic_settings import (
 )
 
 from worker.errors import ConfigError
-from worker.events.signing import secret_key
+from worker.signing import secret_key
 
 Codec = Literal["PCMU", "PCMA"]
 

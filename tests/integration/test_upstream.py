@@ -19,8 +19,8 @@ from standardwebhooks.webhooks import Webhook
 
 from tests.e2e.harness import running_worker
 from tests.integration.test_store import call_events
-from worker.events.signing import generate_secret
 from worker.events.upstream import UpstreamPusher
+from worker.signing import generate_secret
 from worker.store.journal import write_events
 
 SECRET = generate_secret()

@@ -1,4 +1,4 @@
-"""worker/events/signing.py and webhooks.py without sockets: the Standard Webhooks signature
+"""worker/signing.py and worker/events/webhooks.py, no sockets: the Standard Webhooks signature
 (checked by the reference ``standardwebhooks`` library: good signatures pass, a tampered body or
 id, an old or future timestamp and a wrong key fail), secrets, the request body, the event types
 a webhook may ask for, and the log throttle."""
@@ -12,8 +12,8 @@ import time
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from worker.events.signing import SECRET_PREFIX, generate_secret, secret_key, sign, signed_headers
 from worker.events.webhooks import EVENT_TYPES, LogThrottle, _redacted, webhook_body
+from worker.signing import SECRET_PREFIX, generate_secret, secret_key, sign, signed_headers
 
 # The example of the Standard Webhooks reference libraries' tests.
 SPEC_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"

@@ -8,9 +8,9 @@ a private address), and the routers: ``journal`` (the telephony REST endpoints),
 from __future__ import annotations
 
 import inspect
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -18,35 +18,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from worker import __version__
-from worker.api.auth import AuthError, ForbiddenError, Principal
+from worker.api import hub, journal, webhooks
+from worker.api.auth import AuthError, ForbiddenError
 from worker.api.context import ApiContext
 from worker.metrics import CONTENT_TYPE, process_metrics
-
-
-def context(request: Request) -> ApiContext:
-    ctx: ApiContext = request.app.state.context
-    return ctx
-
-
-def bearer_or_query_token(request: Request, token: str | None = None) -> str | None:
-    header = request.headers.get("authorization", "")
-    if header.lower().startswith("bearer "):
-        return header[7:].strip()
-    return token
-
-
-def principal(
-    request: Request,
-    token: Annotated[
-        str | None, Query(description="a JWT, for clients that cannot set headers")
-    ] = None,
-) -> Principal:
-    """The caller, from ``Authorization: Bearer <JWT>`` (or ``?token=``); 401 without one."""
-    return context(request).verifier.verify(bearer_or_query_token(request, token))
-
-
-Caller = Annotated[Principal, Depends(principal)]
-Context = Annotated[ApiContext, Depends(context)]
 
 
 class BodyLimit:
@@ -83,8 +58,6 @@ class BodyLimit:
 
 
 def create_app(ctx: ApiContext) -> FastAPI:
-    from worker.api import hub, journal, webhooks
-
     app = FastAPI(
         title="aispinner-worker",
         version=__version__,

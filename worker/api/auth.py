@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from starlette.requests import HTTPConnection as Request
 
 from worker.config import ApiSettings
 
@@ -124,3 +125,11 @@ def local_secret(data_dir: Path) -> str:
         path.touch(mode=0o600)
         path.write_text(secrets.token_urlsafe(48), encoding="utf-8")
     return path.read_text(encoding="utf-8").strip()
+
+
+def bearer_or_query_token(request: Request, token: str | None = None) -> str | None:
+    """The JWT of ``Authorization: Bearer``, else the ``?token=`` one (None: neither)."""
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return token

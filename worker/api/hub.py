@@ -42,7 +42,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import StreamingResponse
 
-from worker.api.auth import AuthError, ForbiddenError, Principal
+from worker.api.auth import AuthError, ForbiddenError, Principal, bearer_or_query_token
 
 log = logging.getLogger("worker.api.hub")
 
@@ -513,8 +513,6 @@ async def events_stream(
 ) -> StreamingResponse:
     """The workspace's events as server-sent events (``event_type`` names each one; resume
     with ``Last-Event-ID``)."""
-    from worker.api.app import bearer_or_query_token
-
     ctx = request.app.state.context
     who: Principal = ctx.verifier.verify(bearer_or_query_token(request, token))
     who.check(workspace_id)

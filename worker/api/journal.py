@@ -35,8 +35,8 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker.api.app import Caller, Context
 from worker.api.auth import Principal
+from worker.api.deps import Caller, Context
 from worker.config import Settings
 from worker.errors import ConfigError, RemoteError, WorkerError
 

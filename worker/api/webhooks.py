@@ -13,9 +13,9 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, HTTPException, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from worker.api.app import Caller, Context
-from worker.events.signing import generate_secret, secret_key
+from worker.api.deps import Caller, Context
 from worker.events.webhooks import EVENT_TYPES
+from worker.signing import generate_secret, secret_key
 
 router = APIRouter(tags=["webhooks"])
 

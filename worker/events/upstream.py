@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from worker.events.signing import secret_key, signed_headers
+from worker.signing import secret_key, signed_headers
 
 log = logging.getLogger("worker.events.upstream")
 

@@ -43,7 +43,7 @@ import httpx
 from worker import __version__
 from worker.config import EventSettings
 from worker.events import models as ev
-from worker.events.signing import signed_headers
+from worker.signing import signed_headers
 
 log = logging.getLogger("worker.webhooks")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -44,6 +45,7 @@ from worker.front.ipc import (
     encode_control,
     encode_sip,
 )
+from worker.front.shard import owned_call_id
 from worker.legs import Address
 from worker.log import setup_logging
 from worker.metrics import process_metrics
@@ -123,7 +125,13 @@ class MediaProcess:
         self.settings = Settings.model_validate(config["settings"])
         self._channel_ref: list[Channel] = []
         self.wire: FrontWire | None = None
-        self.worker = Worker(self.settings, Shard(self.index, self.processes, self._make_wire))
+        shard = Shard(
+            self.index,
+            self.processes,
+            self._make_wire,
+            functools.partial(owned_call_id, self.index, self.processes),
+        )
+        self.worker = Worker(self.settings, shard)
         self.channel = Channel(sock, self._on_frame, self._on_closed)
         self._channel_ref.append(self.channel)
         self.stop = asyncio.Event()
