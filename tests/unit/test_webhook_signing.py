@@ -12,7 +12,8 @@ import time
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from worker.events.webhooks import EVENT_TYPES, LogThrottle, _redacted, webhook_body
+from worker.events.webhooks import EVENT_TYPES, LOG_EVERY_S, _redacted, webhook_body
+from worker.log import LogThrottle
 from worker.signing import SECRET_PREFIX, generate_secret, secret_key, sign, signed_headers
 
 # The example of the Standard Webhooks reference libraries' tests.
@@ -141,15 +142,19 @@ class TestBodyAndTypes:
 
 
 class TestLogThrottle:
+    """The dispatcher's failure lines: worker.log's throttle, one line per (kind, endpoint)
+    per LOG_EVERY_S, with a count of what was held back."""
+
     def test_one_line_per_key_per_interval_and_a_count_of_the_rest(self) -> None:
-        throttle = LogThrottle(every_s=60.0)
-        assert throttle.allow(("timeout", 1), 0.0) == 0
-        assert throttle.allow(("timeout", 1), 10.0) is None
-        assert throttle.allow(("timeout", 1), 20.0) is None
-        assert throttle.allow(("status", 1), 20.0) == 0  # another kind
-        assert throttle.allow(("timeout", 2), 20.0) == 0  # another endpoint
-        assert throttle.allow(("timeout", 1), 61.0) == 2  # two held back
-        assert throttle.allow(("timeout", 1), 62.0) is None
+        assert LOG_EVERY_S == 60.0
+        throttle = LogThrottle(lines=1, interval_s=LOG_EVERY_S)
+        assert throttle.allow("timeout:1", 0.0) == 0
+        assert throttle.allow("timeout:1", 10.0) is None
+        assert throttle.allow("timeout:1", 20.0) is None
+        assert throttle.allow("status:1", 20.0) == 0  # another kind
+        assert throttle.allow("timeout:2", 20.0) == 0  # another endpoint
+        assert throttle.allow("timeout:1", 61.0) == 2  # two held back
+        assert throttle.allow("timeout:1", 62.0) is None
 
 
 class TestRedaction:

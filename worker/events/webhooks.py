@@ -43,6 +43,7 @@ import httpx
 from worker import __version__
 from worker.config import EventSettings
 from worker.events import models as ev
+from worker.log import LogThrottle
 from worker.signing import signed_headers
 
 log = logging.getLogger("worker.webhooks")
@@ -97,23 +98,6 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.kind == "ok"
-
-
-class LogThrottle:
-    """At most one line per key per ``every_s``; ``allow`` returns how many were held back
-    since the last line, or None to stay quiet."""
-
-    def __init__(self, every_s: float = LOG_EVERY_S) -> None:
-        self.every_s = every_s
-        self._last: dict[tuple[str, int | None], tuple[float, int]] = {}
-
-    def allow(self, key: tuple[str, int | None], now: float) -> int | None:
-        last = self._last.get(key)
-        if last is not None and now - last[0] < self.every_s:
-            self._last[key] = (last[0], last[1] + 1)
-            return None
-        self._last[key] = (now, 0)
-        return 0 if last is None else last[1]
 
 
 _CLAIM = """
@@ -197,7 +181,7 @@ class WebhookDispatcher:
         self._in_flight: set[asyncio.Task[None]] = set()
         self._retries_due: list[float] = []
         """Loop times at which a delivery this dispatcher failed is due again (a heap)."""
-        self._throttle = LogThrottle()
+        self._throttle = LogThrottle(lines=1, interval_s=LOG_EVERY_S)
         self.delivered = 0
         self.failed = 0
         self.dead = 0
@@ -371,7 +355,7 @@ class WebhookDispatcher:
     def _log_failure(
         self, kind: str, endpoint_id: int | None, error: str, item: Claimed | None = None
     ) -> None:
-        held_back = self._throttle.allow((kind, endpoint_id), time.monotonic())
+        held_back = self._throttle.allow(f"{kind}:{endpoint_id}", time.monotonic())
         if held_back is None:
             return
         extra: dict[str, Any] = {"kind": kind, "error": error, "held_back": held_back}

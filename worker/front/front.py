@@ -166,17 +166,7 @@ class Front:
                 raise FrontError(str(exc)) from exc
             self.database_url = self.backend.url
         sip = settings.sip
-        self.transport = SipTransport(
-            sip.host,
-            sip.port,
-            self._route,
-            self._malformed,
-            max_message_bytes=sip.max_message_bytes,
-            transports=tuple(sip.transports),
-            receive_buffer_bytes=sip.receive_buffer_bytes,
-            tcp_max_per_source=sip.tcp_max_connections_per_source,
-            tcp_message_timeout_s=sip.tcp_message_timeout_s,
-        )
+        self.transport = SipTransport.from_settings(sip, self._route, self._malformed)
         try:
             await self.transport.start()
         except OSError as exc:

@@ -49,9 +49,14 @@ from worker.front.shard import owned_call_id
 from worker.legs import Address
 from worker.log import setup_logging
 from worker.metrics import process_metrics
-from worker.sip.message import SipMessageError, is_keepalive, parse
 from worker.sip.transaction import Transport
-from worker.sip.transport import ErrorHandler, MessageHandler, SendFailed, TransportCounters
+from worker.sip.transport import (
+    ErrorHandler,
+    MessageHandler,
+    SendFailed,
+    TransportCounters,
+    hand_up,
+)
 
 log = logging.getLogger("worker.front.media")
 
@@ -83,16 +88,11 @@ class FrontWire:
         return None
 
     def deliver(self, frame: SipFrame) -> None:
-        if is_keepalive(frame.data):
+        if hand_up(frame.data, frame.peer, frame.transport, self.max_message_bytes,
+                   self.on_message, self.on_error):  # fmt: skip
+            self.counters.datagrams_in += 1
+        else:
             self.counters.keepalives += 1
-            return
-        self.counters.datagrams_in += 1
-        try:
-            message = parse(frame.data, max_size=self.max_message_bytes)
-        except SipMessageError as exc:
-            self.on_error(exc, frame.peer, frame.transport)
-            return
-        self.on_message(message, frame.peer, frame.transport)
 
     def send(
         self,

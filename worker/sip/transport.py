@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
+from worker.config import SipSettings
 from worker.log import LogThrottle
 from worker.sip.message import (
     Message,
@@ -147,8 +148,46 @@ WireFactory = Callable[[MessageHandler, ErrorHandler], SipWire]
 """Builds a user agent's wire around its two input handlers."""
 
 
+def hand_up(
+    data: bytes,
+    source: Address,
+    transport: Transport,
+    max_size: int,
+    on_message: MessageHandler,
+    on_error: ErrorHandler,
+) -> bool:
+    """Parse one message's bytes and hand it (or why it does not parse) up; False for a
+    keep-alive, which goes nowhere. Never raises."""
+    if is_keepalive(data):
+        return False
+    try:
+        message = parse(data, max_size=max_size)
+    except SipMessageError as exc:  # MessageTooLarge included
+        on_error(exc, source, transport)
+        return True
+    on_message(message, source, transport)
+    return True
+
+
 class SipTransport:
     """UDP and TCP on one address. ``send`` picks the socket by transport and destination."""
+
+    @classmethod
+    def from_settings(
+        cls, sip: SipSettings, on_message: MessageHandler, on_error: ErrorHandler
+    ) -> SipTransport:
+        """The transport ``[sip]`` describes (the user agent's, or the front's)."""
+        return cls(
+            sip.host,
+            sip.port,
+            on_message,
+            on_error,
+            max_message_bytes=sip.max_message_bytes,
+            transports=tuple(sip.transports),
+            receive_buffer_bytes=sip.receive_buffer_bytes,
+            tcp_max_per_source=sip.tcp_max_connections_per_source,
+            tcp_message_timeout_s=sip.tcp_message_timeout_s,
+        )
 
     def __init__(
         self,
@@ -260,15 +299,9 @@ class SipTransport:
 
     def deliver(self, data: bytes, source: Address) -> None:
         """A datagram arrived: parse it and hand it up (never raises)."""
-        if is_keepalive(data):
+        if not hand_up(data, source, Transport.UDP, self.max_message_bytes, self.on_message,
+                       self.on_error):  # fmt: skip
             self.counters.keepalives += 1
-            return
-        try:
-            message = parse(data, max_size=self.max_message_bytes)
-        except SipMessageError as exc:  # MessageTooLarge included
-            self.on_error(exc, source, Transport.UDP)
-            return
-        self.on_message(message, source, Transport.UDP)
 
     def send(
         self,

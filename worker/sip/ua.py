@@ -69,17 +69,7 @@ class UserAgent:
         if wire is not None:
             self.transport = wire(self._on_message, self._on_parse_error)
         else:
-            self.transport = SipTransport(
-                sip.host,
-                sip.port,
-                self._on_message,
-                self._on_parse_error,
-                max_message_bytes=sip.max_message_bytes,
-                transports=tuple(sip.transports),
-                receive_buffer_bytes=sip.receive_buffer_bytes,
-                tcp_max_per_source=sip.tcp_max_connections_per_source,
-                tcp_message_timeout_s=sip.tcp_message_timeout_s,
-            )
+            self.transport = SipTransport.from_settings(sip, self._on_message, self._on_parse_error)
         rtp = settings.rtp
         self.rtp = ports or RtpPortPool(
             rtp.host, rtp.port_min, rtp.port_max, nat_latch=rtp.nat_latch
