@@ -227,6 +227,10 @@ class RouteSettings(_Section):
     password: str | None = None
     record: bool = True
     barge_in: bool = False
+    voicemail_detection: Literal["outbound", "always", "off"] = "outbound"
+    """Listen for an answering machine's beep (``call.voicemail_detected``) in the first minute of
+    agent calls: ``outbound`` ones (the dialer's, a ``dial`` verb's; the default), ``always``
+    (inbound ones too, e.g. calls an Asterisk dialer hands in) or ``off``."""
     custom_parameters: dict[str, str] = Field(default_factory=dict)
     workspace_id: int = Field(1, ge=1)
     """The workspace the route's calls and events belong to."""

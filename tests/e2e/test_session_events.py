@@ -34,7 +34,8 @@ def _answering_machine(path: Path) -> None:
 class TestVoicemailBeepEvent:
     async def test_beep_on_the_line_is_reported_once(self, tmp_path: Path) -> None:
         _answering_machine(tmp_path / "sipp" / "beep.ulaw")
-        async with agent_call(tmp_path, "uac_beep_wait_bye", CALLED) as call:
+        route = {"voicemail_detection": "always"}  # the default listens on outbound calls only
+        async with agent_call(tmp_path, "uac_beep_wait_bye", CALLED, route=route) as call:
             ctl, new, worker = call.ctl, call.new, call.worker
             await ctl.ack(new, [{"verb": "answer"}, {"verb": "pause", "length": 4.5}])
             await call.finish()

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from media.stream import FRAME_BYTES, SAMPLE_RATE
 from tests.fakes import FakeLeg, make_harness
 from worker.agent.listen_audio import ListenAudioProtocol
+from worker.config import RouteSettings
 from worker.session import pipeline as pipeline_module
 from worker.session.pipeline import (
     AgentSink,
@@ -19,6 +21,7 @@ from worker.session.pipeline import (
     InbandDigit,
     MediaPipeline,
 )
+from worker.session.session import detects_voicemail
 
 
 def _tone_frames(low: float, high: float, seconds: float = 0.12) -> list[bytes]:
@@ -84,6 +87,38 @@ class TestVoicemailBeepWindow:
         pipeline = MediaPipeline()
         _feed(pipeline, [bytes(FRAME_BYTES)] * 10 + _beep_frames())
         assert [e for e in pipeline.events if isinstance(e, BeepDetected)] == []
+
+
+class TestVoicemailDetectionByDirection:
+    @pytest.mark.parametrize(
+        ("setting", "action", "direction", "listens"),
+        [
+            ("outbound", "agent", "outbound", True),
+            ("outbound", "agent", "inbound", False),
+            ("always", "agent", "inbound", True),
+            ("always", "agent", "outbound", True),
+            ("off", "agent", "outbound", False),
+            ("always", "echo", "outbound", False),
+        ],
+    )
+    def test_route_setting_and_direction_decide(
+        self, setting: str, action: str, direction: str, listens: bool
+    ) -> None:
+        route = RouteSettings.model_validate(
+            {
+                "match": "*",
+                "action": action,
+                "agent_url": "ws://127.0.0.1:1/",
+                "voicemail_detection": setting,
+            }
+        )
+        assert detects_voicemail(route, direction) is listens
+
+    def test_unknown_setting_is_refused(self) -> None:
+        with pytest.raises(ValidationError, match="voicemail_detection"):
+            RouteSettings.model_validate(
+                {"match": "*", "action": "agent", "agent_url": "ws://x/", "voicemail_detection": 1}
+            )
 
 
 class TestListenMixTypes:

@@ -185,6 +185,14 @@ class AgentDriver(Protocol):
         """Close the agent's sockets (idempotent); the call is over."""
 
 
+def detects_voicemail(route: RouteSettings, direction: str) -> bool:
+    """Whether a call listens for an answering machine's beep (``route.voicemail_detection``):
+    only agent calls, and by default only the ones the worker placed."""
+    if route.action != "agent" or route.voicemail_detection == "off":
+        return False
+    return route.voicemail_detection == "always" or direction == "outbound"
+
+
 class CallSession:
     """See the module docstring."""
 
@@ -204,7 +212,7 @@ class CallSession:
         self.recording_path: Path | None = None
         self.pipeline = MediaPipeline(
             barge_in=route.barge_in,
-            detect_beep=route.action == "agent",
+            detect_beep=detects_voicemail(route, leg.info.direction),
             timer=time.perf_counter,
         )
         self.bridge: Leg | None = None
