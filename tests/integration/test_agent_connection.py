@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 import pytest
@@ -206,6 +207,20 @@ def _own_tasks(url: str) -> list[asyncio.Task[Any]]:
     """The connection's tasks still alive (they are named after its URL)."""
     prefix = url.split("#")[0]
     return [t for t in asyncio.all_tasks() if t.get_name().startswith(prefix) and not t.done()]
+
+
+@contextlib.contextmanager
+def _socket_full(conn: ListenConnection | TwilioConnection) -> Iterator[None]:
+    """The socket does not take data: the transport has told the connection its buffer is over
+    the high-water mark (asyncio's ``pause_writing``), as a stalled agent's socket does. Frames
+    sent meanwhile must wait in the lane's queue."""
+    ws = conn._ws
+    assert ws is not None
+    ws.pause_writing()
+    try:
+        yield
+    finally:
+        ws.resume_writing()
 
 
 # --------------------------------------------------------------------------- jambonz control
@@ -809,9 +824,10 @@ class TestListenBoundedAudioQueue:
         try:
             await conn.connect()
             peer = await audio_server.next_peer()
-            for frame in frames:  # no await: the writer cannot run, as if the socket stalled
-                conn.send_audio(frame)
-            assert conn.queued_ms == pytest.approx(200)
+            with _socket_full(conn):
+                for frame in frames:
+                    conn.send_audio(frame)
+                assert conn.queued_ms == pytest.approx(200)
             received = [await peer.recv() for _ in range(11)]
             await peer.nothing_more()
         finally:
@@ -827,15 +843,67 @@ class TestListenBoundedAudioQueue:
         try:
             await conn.connect()
             peer = await audio_server.next_peer()
-            for frame in frames:
-                conn.send_audio(frame)
-            dtmf = protocol.dtmf_message("5", 200)
-            assert dtmf is not None
-            conn.send_text(dtmf)
+            with _socket_full(conn):
+                for frame in frames:
+                    conn.send_audio(frame)
+                dtmf = protocol.dtmf_message("5", 200)
+                assert dtmf is not None
+                conn.send_text(dtmf)
             received = [await peer.recv() for _ in range(6)]
         finally:
             await conn.close()
         assert received == [METADATA, dtmf, *frames]
+
+
+class TestListenIdleLaneWritesAtOnce:
+    async def test_a_frame_leaves_in_the_call_that_sent_it(self, audio_server: AgentServer) -> None:
+        conn = _listen(audio_server, Events())
+        frames = _pcm(3)
+        try:
+            await conn.connect()
+            peer = await audio_server.next_peer()
+            assert await peer.recv() == METADATA
+            for frame in frames:
+                conn.send_audio(frame)  # no await: the writer task cannot have run
+                assert conn.queued_ms == 0
+            assert conn.sent_frames == 3
+            received = [await peer.recv() for _ in range(3)]
+        finally:
+            await conn.close()
+        assert received == frames
+
+    async def test_a_text_sent_first_still_goes_first(self, audio_server: AgentServer) -> None:
+        protocol = la.ListenAudioProtocol(pass_dtmf=True)
+        conn = _listen(audio_server, Events(), protocol)
+        frames = _pcm(2)
+        try:
+            await conn.connect()
+            peer = await audio_server.next_peer()
+            assert await peer.recv() == METADATA
+            dtmf = protocol.dtmf_message("5", 200)
+            assert dtmf is not None
+            conn.send_text(dtmf)
+            for frame in frames:
+                conn.send_audio(frame)  # queued behind the text, not written past it
+            received = [await peer.recv() for _ in range(3)]
+        finally:
+            await conn.close()
+        assert received == [dtmf, *frames]
+
+    async def test_twilio_timestamps_run_on_through_written_and_queued_media(
+        self, twilio_server: AgentServer
+    ) -> None:
+        conn = _twilio(twilio_server, Events())
+        try:
+            peer = await _twilio_started(twilio_server, conn)
+            conn.send_media(b"\x01" * 160)  # written at once
+            with _socket_full(conn):
+                conn.send_media(b"\x02" * 160)  # queued
+            received = [await peer.recv_json() for _ in range(2)]
+        finally:
+            await conn.close()
+        assert [m["media"]["timestamp"] for m in received] == ["0", "20"]
+        assert [m["sequenceNumber"] for m in received] == ["2", "3"]
 
 
 class TestListenGracefulEnd:
@@ -866,8 +934,9 @@ class TestListenGracefulEnd:
         conn = _listen(audio_server, Events())
         await conn.connect()
         peer = await audio_server.next_peer()
-        for frame in _pcm(3):
-            conn.send_audio(frame)
+        with _socket_full(conn):
+            for frame in _pcm(3):
+                conn.send_audio(frame)
         await conn.close(graceful=False)
         assert await peer.recv() == METADATA
         await peer.nothing_more()
@@ -1041,8 +1110,9 @@ class TestTwilioMedia:
         conn = _twilio(twilio_server, Events(), max_queue_ms=200)
         try:
             peer = await _twilio_started(twilio_server, conn)
-            for i in range(30):
-                conn.send_media(bytes([i]) * 160)
+            with _socket_full(conn):
+                for i in range(30):
+                    conn.send_media(bytes([i]) * 160)
             received = [await peer.recv_json() for _ in range(10)]
             await peer.nothing_more()
         finally:
@@ -1057,10 +1127,11 @@ class TestTwilioMedia:
         conn = _twilio(twilio_server, Events())
         try:
             peer = await _twilio_started(twilio_server, conn)
-            conn.send_media(b"\xff" * 160)
-            assert conn.send_dtmf("7")
-            assert not conn.send_dtmf("A")
-            conn.send_mark("m1")
+            with _socket_full(conn):
+                conn.send_media(b"\xff" * 160)
+                assert conn.send_dtmf("7")
+                assert not conn.send_dtmf("A")
+                conn.send_mark("m1")
             received = [await peer.recv_json() for _ in range(3)]
         finally:
             await conn.close()

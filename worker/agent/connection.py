@@ -22,7 +22,11 @@ Rules:
 4. Audio lanes: ``send_audio`` / ``send_media`` are synchronous and never block. Frames wait in an
    :class:`AudioQueue` bounded in milliseconds of audio; when it is full the oldest frames are
    dropped and counted, so a stalled agent never adds more than ``max_queue_ms`` of latency.
-   ``send_text`` (DTMF, marks, ``playDone``) jumps ahead of queued audio. An open audio lane is
+   When nothing waits (the writer task is idle, no text or audio queued, the socket open and
+   taking data) a frame is written to the socket at once, in the tick that made it: what
+   ``ws.send`` does, without the writer task's wake-up (a loop iteration later, behind every
+   other call of the tick) and its await. ``send_text`` (DTMF, marks, ``playDone``) jumps
+   ahead of queued audio. An open audio lane is
    read at scrape time by ``metrics`` (``worker.metrics``: queued audio, drops), when given.
 5. Unsolicited events go to ``on_event`` in arrival order; an exception in it is logged and
    never stops the connection. Closing is idempotent, leaves no task behind and takes at most
@@ -412,6 +416,13 @@ class AudioQueue:
         self._bytes -= len(frame)
         return frame, offset
 
+    def bypass(self, frame: bytes) -> int:
+        """The stream offset of a frame sent without waiting in the queue (it takes its place
+        in the stream all the same)."""
+        offset = self._position
+        self._position += len(frame)
+        return offset
+
     def clear(self) -> int:
         """Forget every queued frame (not counted as dropped); returns how many there were."""
         count = len(self._frames)
@@ -462,6 +473,7 @@ class _AudioLaneConnection(Generic[_E]):
         self._texts: deque[str] = deque()
         self._audio = AudioQueue(max_queue_ms, bytes_per_ms)
         self._wake = asyncio.Event()
+        self._parked = False  # the writer task waits for work: nothing of ours is in flight
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -583,9 +595,37 @@ class _AudioLaneConnection(Generic[_E]):
                     return
                 else:
                     wake.clear()
-                    await wake.wait()
+                    self._parked = True
+                    try:
+                        await wake.wait()
+                    finally:
+                        self._parked = False
         except ConnectionClosed:
             return
+
+    def _queue_audio(self, frame: bytes) -> None:
+        """One audio frame for the agent: written at once when nothing waits, else queued."""
+        if self._ended:
+            return
+        ws = self._ws
+        if (
+            self._parked
+            and ws is not None
+            and not self._audio
+            and not self._texts
+            and not ws.paused
+            and ws.protocol.state is State.OPEN
+        ):
+            message = self._encode_audio(frame, self._audio.bypass(frame))
+            if isinstance(message, bytes):
+                ws.protocol.send_binary(message)
+            else:
+                ws.protocol.send_text(message.encode())
+            ws.send_data()
+            self.sent_frames += 1
+            return
+        self._audio.push(frame)
+        self._wake.set()
 
     # ------------------------------------------------------------------ receiving
 
@@ -702,11 +742,9 @@ class ListenConnection(_AudioLaneConnection[ListenConnectionEvent]):
         self.metadata_text = metadata_text
 
     def send_audio(self, pcm: bytes) -> None:
-        """Queue one binary audio frame (L16 LE at the socket's rate and mix). Never blocks."""
-        if self._ended:
-            return
-        self._audio.push(pcm)
-        self._wake.set()
+        """Send or queue one binary audio frame (L16 LE at the socket's rate and mix). Never
+        blocks."""
+        self._queue_audio(pcm)
 
     def _first_messages(self) -> list[str]:
         return [self.metadata_text]
@@ -765,11 +803,8 @@ class TwilioConnection(_AudioLaneConnection[TwilioConnectionEvent]):
         self.stream = stream
 
     def send_media(self, ulaw: bytes) -> None:
-        """Queue µ-law 8 kHz caller audio. Never blocks."""
-        if self._ended:
-            return
-        self._audio.push(ulaw)
-        self._wake.set()
+        """Send or queue µ-law 8 kHz caller audio. Never blocks."""
+        self._queue_audio(ulaw)
 
     def send_dtmf(self, digit: str) -> bool:
         """Send a caller key press; ``False`` for keys Twilio cannot carry (A-D) or when the
