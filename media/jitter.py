@@ -297,6 +297,18 @@ class JitterBuffer:
         """The current target delay, in ms."""
         return self._target() * 1000.0 / self._rate
 
+    def next_due(self) -> float | None:
+        """When (on the clock ``push`` and ``pop`` are given) the audio at the playout cursor
+        falls due: the earliest ``pop`` that returns it. None before the first packet."""
+        if not self._anchored:
+            return None
+        return (self._next_ts + self._offset) / self._rate
+
+    @property
+    def packet_samples(self) -> int:
+        """How long the packets are: the newest one's samples (20 ms before any)."""
+        return self._high_samples or self._nominal
+
     def push(self, packet: RtpLike, now: float) -> None:
         """File ``packet``, which arrived at ``now`` (seconds). Never raises on bad input."""
         try:

@@ -13,6 +13,9 @@ Choices worth knowing:
   with silence; it does not wait when a mark is outstanding, so the mark is not delayed.
 * Underrun. With nothing queued a frame of silence goes out; frames stay exactly ``frame_ms`` long
   and a mark placed while the buffer is empty is reported with the next frame.
+* Standing queue. ``trim`` drops whole frames from the head: for a stream sent in real time
+  whose one late frame left a frame waiting at every tick since (the caller would hear it 20 ms
+  late for the rest of the call). Counted in ``counters.trimmed_ms``.
 * Odd bytes. A trailing odd byte is carried to the next write; a mark placed while a byte is
   carried sits before that half sample.
 """
@@ -52,6 +55,7 @@ class PlayoutCounters:
     marks_reached: int
     marks_cleared: int
     invalid_writes: int
+    trimmed_ms: float = 0.0
 
 
 class PlayoutBuffer:
@@ -80,6 +84,7 @@ class PlayoutBuffer:
         "_read_total",
         "_silence",
         "_silent_frames",
+        "_trimmed_bytes",
         "_write_total",
     )
 
@@ -121,6 +126,7 @@ class PlayoutBuffer:
         self._padded_frames = 0
         self._dropped_bytes = 0
         self._cleared_bytes = 0
+        self._trimmed_bytes = 0
         self._marks_reached = 0
         self._marks_cleared = 0
         self._invalid = 0
@@ -160,6 +166,7 @@ class PlayoutBuffer:
             marks_reached=self._marks_reached,
             marks_cleared=self._marks_cleared,
             invalid_writes=self._invalid,
+            trimmed_ms=self._trimmed_bytes / per_ms,
         )
 
     def write(self, pcm: bytes) -> None:
@@ -240,6 +247,20 @@ class PlayoutBuffer:
             reached.append(MarkReached(marks.popleft()[1]))
         self._marks_reached += len(reached)
         return frame, reached
+
+    def trim(self, ms: float) -> float:
+        """Drop up to ``ms`` of the oldest queued audio, in whole frames (see the module
+        docstring); returns the ms dropped. Marks whose audio went are reported with the next
+        frame."""
+        queued = len(self._buf) - self._head
+        size = self._frame_bytes
+        drop = min(int(ms * self._bytes_per_ms) // size, queued // size) * size
+        if drop <= 0:
+            return 0.0
+        self._head += drop
+        self._read_total += drop
+        self._trimmed_bytes += drop
+        return drop / self._bytes_per_ms
 
     def clear(self) -> list[str]:
         """Drop all queued audio; return the outstanding marks' names (to report as cleared)."""

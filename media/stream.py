@@ -155,6 +155,15 @@ class RtpStream:
         self.counters.frames_in += 1
         return frame
 
+    def next_due(self) -> float | None:
+        """When ``pull_frame`` can next return the caller's audio: the jitter buffer's next
+        packet falls due. None before the first packet, and for packets of another length than
+        a frame (30 ms ones complete the 20 ms frames at three moments of a 60 ms cycle: no one
+        moment of the 20 ms is right after them all)."""
+        if self._pending or self.jitter.packet_samples != self.frame_samples:
+            return None
+        return self.jitter.next_due()
+
     @property
     def jitter_stats(self) -> JitterStats:
         """The jitter buffer's figures, with the sequence numbers RFC 4733 packets took out of

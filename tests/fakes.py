@@ -75,6 +75,7 @@ class FakeLeg:
         self.requests: list[tuple[str, str | None, str | None]] = []
         self.frames_sent: list[bytes] = []
         self.incoming: deque[bytes] = deque()
+        self.due: float | None = None  # what frame_due() says
 
     @property
     def info(self) -> LegInfo:
@@ -145,6 +146,9 @@ class FakeLeg:
 
     def send_frame(self, pcm: bytes) -> None:
         self.frames_sent.append(pcm)
+
+    def frame_due(self) -> float | None:
+        return self.due
 
     def quality(self) -> MediaQuality:
         return MediaQuality(packets_in=len(self.frames_sent))
@@ -274,6 +278,7 @@ def make_harness(
     route: RouteSettings | None = None,
     leg: FakeLeg | None = None,
     control: FakeControl | None = None,
+    pacer: Any = None,
 ) -> Harness:
     clock = ManualClock()
     leg = leg or FakeLeg(clock=clock)
@@ -288,6 +293,7 @@ def make_harness(
         publish=events.append,
         place_call=place_call,
         clock=clock,
+        pacer=pacer,
     )
     route = route or RouteSettings(match="*", agent_url="ws://x", record=False, trunk="t")
     session = CallSession(leg, route, services)

@@ -77,7 +77,7 @@ class RtpSettings(_Section):
     port_min: int = Field(20000, ge=1024, le=65534)
     port_max: int = Field(30000, ge=1025, le=65535)
     inactivity_timeout_s: float = Field(30.0, gt=0)
-    jitter_min_ms: int = Field(20, ge=1)
+    jitter_min_ms: int = Field(4, ge=1)
     jitter_max_ms: int = Field(200, ge=20)
     nat_latch: bool = False
 

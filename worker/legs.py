@@ -194,6 +194,11 @@ class Leg(Protocol):
     def send_frame(self, pcm: bytes) -> None:
         """What the far end hears for this tick (one frame of PCM)."""
 
+    def frame_due(self) -> float | None:
+        """When (loop time) ``pull_frame`` can next return the caller's audio: the jitter
+        buffer's next packet falls due. None when not known (no media yet). The session ticks
+        right after it (``MediaPacer.align``)."""
+
     def quality(self) -> MediaQuality:
         """The media figures so far."""
 

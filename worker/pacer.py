@@ -4,8 +4,11 @@ Calls register a ``tick(now)`` callback; the pacer calls each one every 20 ms on
 deadlines (no drift). The 20 ms are cut into ``SLOTS`` slots, ``SLOT_S`` apart, each with its
 own timer: a new call joins the slot with the fewest calls (the soonest one among equals), so
 with N calls a frame waits behind about N / SLOTS others' work, not N, and the loop gets a
-breath between slots for sockets. If the loop stalls for more than ``max_catch_up`` ticks the
-lost ones are skipped and counted, so a stall never becomes permanent latency. A callback that
+breath between slots for sockets. ``align`` moves a call to the slot just after the moment its
+work becomes possible (its caller's next frame falls due in the jitter buffer), so the frame
+does not wait for a slot chosen at random: up to 20 ms, 10 on average. If the loop stalls for
+more than ``max_catch_up`` ticks the lost ones are skipped and counted, so a stall never becomes
+permanent latency. A callback that
 raises is removed and reported through ``on_error``; it never stops the other calls' ticks.
 
 Each slot run's duration (the work of the calls in it) goes to
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +40,8 @@ log = logging.getLogger("worker.pacer")
 class _Slot:
     index: int
     callbacks: dict[object, Tick] = field(default_factory=dict)
+    joining: dict[object, tuple[Tick, float]] = field(default_factory=dict)
+    """Keys moved here (``align``) that join at the slot's first run at or after a time."""
     handle: asyncio.TimerHandle | None = None
     deadline: float = 0.0
 
@@ -66,8 +72,9 @@ class MediaPacer:
         self.skipped = 0
         self.on_error: Callable[[object, BaseException], None] | None = None
 
-    def add(self, key: object, tick: Tick) -> None:
-        """Tick ``key`` every 20 ms from the next deadline of the least busy slot."""
+    def add(self, key: object, tick: Tick, after: object = None) -> None:
+        """Tick ``key`` every 20 ms from the next deadline of the least busy slot, or with
+        ``after`` (a key already ticked) in its slot, right after it."""
         old = self._slot_of.get(key)
         if old is not None:
             old.callbacks[key] = tick
@@ -75,7 +82,9 @@ class MediaPacer:
         now = self._loop.time()
         if self._origin is None:
             self._origin = now
-        slot = min(self._slots, key=lambda s: (len(s.callbacks), self._next_deadline(s, now)))
+        slot = self._slot_of.get(after) if after is not None else None
+        if slot is None:
+            slot = min(self._slots, key=lambda s: (len(s.callbacks), self._next_deadline(s, now)))
         slot.callbacks[key] = tick
         self._slot_of[key] = slot
         if slot.handle is None:
@@ -88,14 +97,46 @@ class MediaPacer:
         periods = max(0, int((now - phase) // TICK_S) + 1)
         return phase + periods * TICK_S
 
+    def align(self, key: object, due: float, now: float) -> bool:
+        """Tick ``key`` from now on in the first slot at or after ``due``'s phase (modulo 20 ms),
+        ``key`` having last been ticked at ``now``; ``due`` is when its next work becomes
+        possible (after ``now``: its next frame). Its next tick is that slot's first deadline
+        at or after ``due``: never a tick before there is work (an extra tick would send an
+        extra frame), and the work is not kept waiting. True if it moved."""
+        slot = self._slot_of.get(key)
+        if slot is None or self._origin is None:
+            return False
+        phase = (due - self._origin) % TICK_S
+        index = math.ceil(phase / self._slot_s - 1e-6) % len(self._slots)
+        target = self._slots[index]
+        if target is slot:
+            return False
+        tick = slot.callbacks.pop(key) if key in slot.callbacks else slot.joining.pop(key)[0]
+        self._release(slot)
+        self._slot_of[key] = target
+        if target.handle is None:
+            target.deadline = self._next_deadline(target, max(now, due) - 1e-6)
+            target.callbacks[key] = tick
+            target.handle = self._loop.call_at(target.deadline, self._run, target)
+        elif target.deadline >= due - 1e-6:
+            target.callbacks[key] = tick
+        else:
+            target.joining[key] = (tick, due)
+        return True
+
+    def _release(self, slot: _Slot) -> None:
+        """Stop the slot's timer when nobody is left in it."""
+        if not slot.callbacks and not slot.joining and slot.handle is not None:
+            slot.handle.cancel()
+            slot.handle = None
+
     def remove(self, key: object) -> None:
         slot = self._slot_of.pop(key, None)
         if slot is None:
             return
         slot.callbacks.pop(key, None)
-        if not slot.callbacks and slot.handle is not None:
-            slot.handle.cancel()
-            slot.handle = None
+        slot.joining.pop(key, None)
+        self._release(slot)
 
     def slot_of(self, key: object) -> int | None:
         """The slot ``key`` is ticked in (None: not registered)."""
@@ -109,6 +150,7 @@ class MediaPacer:
         self._slot_of.clear()
         for slot in self._slots:
             slot.callbacks.clear()
+            slot.joining.clear()
             if slot.handle is not None:
                 slot.handle.cancel()
                 slot.handle = None
@@ -123,6 +165,8 @@ class MediaPacer:
             slot.deadline += behind * TICK_S
         tick_time = slot.deadline
         callbacks = slot.callbacks
+        if slot.joining:
+            self._admit(slot, tick_time)
         for key, tick in list(callbacks.items()):
             if key not in callbacks:
                 continue  # removed by an earlier callback of this tick
@@ -138,7 +182,14 @@ class MediaPacer:
         self.ticks += 1
         self._observe_tick(time.perf_counter() - started)
         slot.deadline += TICK_S
-        if callbacks:
+        if callbacks or slot.joining:
             slot.handle = self._loop.call_at(slot.deadline, self._run, slot)
         else:
             slot.handle = None
+
+    @staticmethod
+    def _admit(slot: _Slot, tick_time: float) -> None:
+        for key, (tick, due) in list(slot.joining.items()):
+            if tick_time >= due - 1e-6:
+                del slot.joining[key]
+                slot.callbacks[key] = tick

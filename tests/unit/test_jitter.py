@@ -115,6 +115,18 @@ class TestInOrderPlayout:
         (frame,) = jb.pop(10.040)
         assert frame == JitterFrame(bytes(160), 1000, 7, 160, False)
 
+    def test_next_due_is_when_pop_returns_the_cursors_packet(self) -> None:
+        jb = JitterBuffer(min_ms=40.0)
+        assert jb.next_due() is None  # before the first packet
+        jb.push(Pkt(7, 1000, bytes(160)), 10.0)
+        jb.push(Pkt(8, 1160, bytes(160)), 10.02)
+        due = jb.next_due()
+        assert due is not None
+        assert due == pytest.approx(10.040)
+        assert jb.pop(due - 0.0001) == []
+        assert len(jb.pop(due)) == 1
+        assert jb.next_due() == pytest.approx(10.060)  # the next packet's turn
+
     def test_frame_carries_payload_marker_and_wire_sequence(self) -> None:
         jb = JitterBuffer()
         jb.push(Pkt(65535, 5, b"\x01" * 160, marker=True), 0.0)

@@ -165,6 +165,12 @@ class TestFigures:
         assert (loss["lost"], loss["packets"], loss["rtp_lost_logged"]) == (1, 501, 1)
         assert loss["non_audio_packets"] == 24
 
+    def test_late_packets_count_as_lost_audio(self) -> None:
+        records = [{"rtp_in": 396, "rtp_played": 396, "rtp_lost": 2, "rtp_late": 2}]
+        loss = analysis.loss_figures([], records)["caller_to_worker"]
+        assert (loss["lost"], loss["late"]) == (2, 2)
+        assert loss["percent"] == 1.0
+
     def test_probe_loss_both_ways(self) -> None:
         probes = [
             {

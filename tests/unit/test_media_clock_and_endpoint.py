@@ -121,6 +121,118 @@ class TestRtpEndpointLatch:
         assert endpoint.endpoint_counters.foreign_source == 1
 
 
+class TestMediaPacerAlign:
+    """``align``: a call moves to the first slot at or after the moment its work becomes
+    possible; the one interval the move changes is shortened, never stretched."""
+
+    async def test_moves_to_the_slot_after_due_and_keeps_20_ms_from_there(self) -> None:
+        loop = asyncio.get_running_loop()
+        pacer = MediaPacer(loop, slots=10)
+        seen: list[float] = []
+        moved: list[bool] = []
+
+        def tick(now: float) -> None:
+            seen.append(now)
+            if len(seen) == 2:
+                # the call's frames fall due 7.3 ms after this tick: slot +8 ms from here
+                moved.append(pacer.align("call", now + 0.0073, now))
+                moved.append(pacer.align("call", now + 0.0073, now))  # already there
+
+        pacer.add("call", tick)
+        try:
+            await asyncio.sleep(0.15)
+        finally:
+            pacer.close()
+        assert moved == [True, False]
+        steps = [round(b - a, 9) for a, b in itertools.pairwise(seen)]
+        assert steps[0] == 0.020
+        assert steps[1] == 0.008  # shortened once
+        assert all(step == 0.020 for step in steps[2:]), steps
+        assert len(steps) >= 5
+
+    async def test_work_due_later_than_the_slot_waits_for_it_not_an_extra_tick(self) -> None:
+        """The next frame falls due 1.1 ms after the call's next tick would come: the call
+        moves to the slot after it and its next tick is there, 22 ms on, not 2 ms on (which
+        would tick with no frame and send an extra one)."""
+        loop = asyncio.get_running_loop()
+        pacer = MediaPacer(loop, slots=10)
+        for n in range(10):
+            pacer.add(n, lambda now: None)  # every slot's timer runs
+        seen: list[float] = []
+
+        def tick(now: float) -> None:
+            seen.append(now)
+            if len(seen) == 2:
+                assert pacer.align("call", now + 0.0211, now)
+
+        pacer.add("call", tick)
+        try:
+            await asyncio.sleep(0.15)
+        finally:
+            pacer.close()
+        steps = [round(b - a, 9) for a, b in itertools.pairwise(seen)]
+        assert steps[:2] == [0.020, 0.022]
+        assert all(step == 0.020 for step in steps[2:]), steps
+
+    async def test_removed_while_waiting_to_join_is_never_ticked(self) -> None:
+        loop = asyncio.get_running_loop()
+        pacer = MediaPacer(loop, slots=10)
+        for n in range(10):
+            pacer.add(n, lambda now: None)  # the slot moved to has a timer: the call waits
+        seen: list[float] = []
+
+        def tick(now: float) -> None:
+            seen.append(now)
+            pacer.align("call", now + 0.0211, now)
+            pacer.remove("call")
+
+        pacer.add("call", tick)
+        try:
+            await asyncio.sleep(0.08)
+        finally:
+            pacer.close()
+        assert len(seen) == 1
+        assert pacer.slot_of("call") is None
+
+    async def test_due_just_before_the_current_slot_moves_nowhere(self) -> None:
+        pacer = MediaPacer(asyncio.get_running_loop(), slots=10)
+        seen: list[float] = []
+        result: list[bool] = []
+
+        def tick(now: float) -> None:
+            seen.append(now)
+            if len(seen) == 1:
+                result.append(pacer.align("call", now - 0.0005 + 0.020, now))
+
+        pacer.add("call", tick)
+        try:
+            await asyncio.sleep(0.07)
+        finally:
+            pacer.close()
+        assert result == [False]
+        assert all(round(b - a, 9) == 0.020 for a, b in itertools.pairwise(seen))
+
+    async def test_an_unknown_key_is_not_moved(self) -> None:
+        loop = asyncio.get_running_loop()
+        pacer = MediaPacer(loop)
+        assert not pacer.align("nobody", loop.time(), loop.time())
+
+    async def test_added_after_another_key_runs_in_its_slot_right_after_it(self) -> None:
+        pacer = MediaPacer(asyncio.get_running_loop(), slots=10)
+        order: list[str] = []
+        for n in range(5):
+            pacer.add(n, lambda now: None)
+        pacer.add("in", lambda now: order.append("in"))
+        pacer.add("other", lambda now: order.append("other"))
+        pacer.add("out", lambda now: order.append("out"), after="in")
+        try:
+            assert pacer.slot_of("out") == pacer.slot_of("in") != pacer.slot_of("other")
+            await asyncio.sleep(0.03)
+        finally:
+            pacer.close()
+        assert order.index("out") == order.index("in") + 1
+
+
 class TestMediaPacerSlots:
     """The 20 ms cut into slots, each with its own timer: calls spread evenly, each ticked on
     its slot's absolute deadlines every 20 ms, slots 2 ms apart."""

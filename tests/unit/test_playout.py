@@ -248,3 +248,30 @@ class TestPlayoutPlaying:
         assert counters.frames == 5
         assert (counters.audio_frames, counters.padded_frames, counters.silent_frames) == (3, 1, 2)
         assert counters.written_ms == 50.0
+
+
+class TestPlayoutTrim:
+    def test_trim_drops_whole_frames_from_the_head_and_counts_them(self) -> None:
+        buffer = PlayoutBuffer(8000)
+        audio = ramp(160 * 3 + 40)
+        buffer.write(audio)
+        assert buffer.trim(30.0) == 20.0  # whole frames only
+        frame, _ = buffer.next_frame()
+        assert frame == audio[320:640]
+        assert buffer.counters.trimmed_ms == 20.0
+        assert buffer.counters.dropped_ms == 0.0
+
+    def test_trim_never_takes_a_partial_frame_or_more_than_is_queued(self) -> None:
+        buffer = PlayoutBuffer(8000)
+        buffer.write(ramp(100))
+        assert buffer.trim(20.0) == 0.0
+        assert buffer.queued_ms == 12.5
+
+    def test_a_mark_whose_audio_was_trimmed_is_reported_with_the_next_frame(self) -> None:
+        buffer = PlayoutBuffer(8000)
+        buffer.write(ramp(320))
+        buffer.mark("a")
+        buffer.write(ramp(160))
+        assert buffer.trim(40.0) == 40.0
+        _, reached = buffer.next_frame()  # the third frame: the mark's audio went before it
+        assert reached == [MarkReached("a")]

@@ -6,7 +6,8 @@ call with the right status and result whatever the driver does."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,15 @@ from worker.legs import (
     LegRinging,
 )
 from worker.session.echo_driver import EchoDriver
-from worker.session.session import AgentCounters, MarkEvent
+from worker.session.pipeline import AgentSink
+from worker.session.session import (
+    ALIGN_FIRST_TICK,
+    IN_MARGIN_S,
+    OUT_MARGIN_S,
+    REALIGN_TICKS,
+    AgentCounters,
+    MarkEvent,
+)
 from worker.session.status import CallStatus, StatusChange
 
 SILENCE = bytes(FRAME_BYTES)
@@ -292,3 +301,144 @@ class TestTwilioDriverEvents:
         driver.on_dtmf("1", 100)  # no socket: nothing to do
         driver.on_marks(("m",), "playout")
         await driver.close()
+
+
+class _Pacer:
+    """Records what a session asks of the media pacer."""
+
+    def __init__(self) -> None:
+        self.ticks: dict[object, Callable[[float], None]] = {}
+        self.after: dict[object, object] = {}
+        self.aligned: list[tuple[object, float, float]] = []
+
+    def add(self, key: object, tick: Callable[[float], None], after: object = None) -> None:
+        self.ticks[key] = tick
+        self.after[key] = after
+
+    def align(self, key: object, due: float, now: float) -> bool:
+        self.aligned.append((key, due, now))
+        return True
+
+    def remove(self, key: object) -> None:
+        self.ticks.pop(key, None)
+
+
+class TestTickHalves:
+    """The tick's two halves: the caller's (``tick_in``) and the one towards the caller
+    (``tick_out``), each moved to just after what it waits for."""
+
+    async def test_halves_registered_together_and_removed_together(self, tmp_path: Path) -> None:
+        pacer = _Pacer()
+        h = make_harness(tmp_path, answered=False, pacer=pacer)
+        h.leg.answer()
+        session = h.session
+        assert list(pacer.ticks) == [session, (session, "out")]
+        assert pacer.after[(session, "out")] is session
+        h.leg.end(LegEnd("hangup", None, None))
+        await h.clock.advance(0.1)
+        assert pacer.ticks == {}
+
+    async def test_caller_half_aligns_to_the_frame_due_then_every_second(
+        self, tmp_path: Path
+    ) -> None:
+        pacer = _Pacer()
+        h = make_harness(tmp_path, answered=False, pacer=pacer)
+        h.leg.answer()
+        tick_in = pacer.ticks[h.session]
+        h.leg.due = 5000.0123
+        for n in range(ALIGN_FIRST_TICK + REALIGN_TICKS):
+            h.leg.incoming.append(b"\x01\x00" * 160)
+            tick_in(1000.0 + 0.02 * n)
+        mine = [x for key, due, now in pacer.aligned if key is h.session for x in (due, now)]
+        expected = [
+            x
+            for n in (ALIGN_FIRST_TICK, ALIGN_FIRST_TICK + REALIGN_TICKS)
+            for x in (5000.0123 + IN_MARGIN_S, 1000.0 + 0.02 * (n - 1))
+        ]
+        assert mine == pytest.approx(expected)
+
+    async def test_no_caller_audio_no_alignment(self, tmp_path: Path) -> None:
+        pacer = _Pacer()
+        h = make_harness(tmp_path, answered=False, pacer=pacer)
+        h.leg.answer()
+        h.leg.due = 5000.0
+        for n in range(3 * ALIGN_FIRST_TICK):
+            pacer.ticks[h.session](1000.0 + 0.02 * n)
+        assert pacer.aligned == []
+
+    async def test_out_half_aligns_after_a_real_time_agents_frames(self, tmp_path: Path) -> None:
+        pacer = _Pacer()
+        h = make_harness(tmp_path, answered=False, pacer=pacer)
+        h.leg.answer()
+        out_key = (h.session, "out")
+        tick_out = pacer.ticks[out_key]
+        for n in range(ALIGN_FIRST_TICK):
+            now = 1000.0 + 0.02 * n
+            h.session.pipeline.agent_audio(b"\x01\x00" * 160, 8000, now - 0.0137)
+            tick_out(now)
+        assert pacer.aligned == []  # fewer arrivals than it judges from
+        for n in range(ALIGN_FIRST_TICK, ALIGN_FIRST_TICK + REALIGN_TICKS):
+            now = 1000.0 + 0.02 * n
+            h.session.pipeline.agent_audio(b"\x01\x00" * 160, 8000, now - 0.0137)
+            tick_out(now)
+        ((key, due, _),) = pacer.aligned
+        assert key == out_key
+        assert math.remainder(due - (1000.0 - 0.0137 + OUT_MARGIN_S), 0.02) == pytest.approx(0.0)
+
+    async def test_recorder_pairs_the_halves_frames_in_order(self, tmp_path: Path) -> None:
+        h = make_harness(tmp_path)
+        recorded: list[tuple[bytes, bytes]] = []
+
+        class Recorder:
+            def write_frame(self, caller: bytes, heard: bytes) -> None:
+                recorded.append((caller, heard))
+
+            def close(self) -> None:
+                pass
+
+        h.session.pipeline.recorder = Recorder()  # type: ignore[assignment]
+        first, second = b"\x01\x00" * 160, b"\x02\x00" * 160
+        h.leg.incoming.extend([first, second])
+        h.session.tick_in(1000.0)
+        h.session.tick_out(1000.004)
+        assert [caller for caller, _ in recorded] == [first]
+        h.session.tick_out(1000.024)  # the caller's half moved later: it waits for it
+        assert len(recorded) == 1
+        h.session.tick_in(1000.028)
+        h.session.tick_out(1000.044)
+        assert [caller for caller, _ in recorded] == [first, second]
+        assert len(h.leg.frames_sent) == 3  # the caller heard every tick all the same
+
+    async def test_a_frame_held_back_once_puts_no_silence_into_the_agents_stream(
+        self, tmp_path: Path
+    ) -> None:
+        h = make_harness(tmp_path)
+        sent: list[bytes] = []
+        h.session.pipeline.sink = AgentSink(sent.append, 8000)
+        first, second = b"\x01\x00" * 160, b"\x02\x00" * 160
+        h.leg.incoming.append(first)
+        h.session.tick_in(1000.0)
+        h.session.tick_in(1000.02)  # nothing due: the jitter buffer's delay grew
+        h.leg.incoming.append(second)
+        h.session.tick_in(1000.04)
+        assert sent == [first, second]
+        h.session.tick_in(1000.06)  # not once more: the caller is silent, the agent hears it
+        h.session.tick_in(1000.08)
+        assert sent == [first, second, bytes(320)]
+
+    @pytest.mark.parametrize("echoes", [True, False])
+    async def test_the_other_half_follows_only_an_echoing_sink(
+        self, tmp_path: Path, echoes: bool
+    ) -> None:
+        """The echo route's audio comes back inside the caller's half: the halves move
+        together. An agent's comes back over its socket: the other half waits to learn when."""
+        pacer = _Pacer()
+        h = make_harness(tmp_path, answered=False, pacer=pacer)
+        h.leg.answer()
+        h.session.pipeline.sink = AgentSink(lambda pcm: None, 8000, echoes=echoes)
+        h.leg.due = 5000.0123
+        for n in range(ALIGN_FIRST_TICK):
+            h.leg.incoming.append(b"\x01\x00" * 160)
+            h.session.tick_in(1000.0 + 0.02 * n)
+        keys = [key for key, _, _ in pacer.aligned]
+        assert keys == ([h.session, (h.session, "out")] if echoes else [h.session])

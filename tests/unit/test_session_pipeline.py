@@ -4,6 +4,7 @@ beep is listened for in a window at the start of the call, and reported once."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +149,85 @@ class TestListenMixTypes:
     def test_mixed_sums_both(self) -> None:
         frame, caller, heard = self._run("mixed")
         assert (frame == caller + heard).all()
+
+
+class TestAgentArrivalPhase:
+    """``agent_due``: when a real-time agent's frames arrive in the 20 ms, from the last 25."""
+
+    def _arrive(self, pipeline: MediaPipeline, times: list[float]) -> None:
+        for at in times:
+            pipeline.agent_audio(bytes(FRAME_BYTES), SAMPLE_RATE, at)
+            pipeline.next_out()
+
+    def test_steady_arrivals_give_the_latest_of_them(self) -> None:
+        pipeline = MediaPipeline(detect_beep=False)
+        jitter = [0.0, 0.0011, 0.0004, 0.0023, 0.0]  # within the 8 ms spread allowed
+        times = [100.003 + 0.020 * i + jitter[i % 5] for i in range(25)]
+        self._arrive(pipeline, times)
+        now = times[-1] + 0.005
+        due = pipeline.agent_due(now)
+        assert due is not None
+        assert math.remainder(due - 100.003, 0.020) == pytest.approx(0.0023)
+        assert now < due <= now + 0.020  # the next frame's arrival
+
+    def test_too_few_stale_or_scattered_arrivals_give_none(self) -> None:
+        pipeline = MediaPipeline(detect_beep=False)
+        self._arrive(pipeline, [100.0 + 0.020 * i for i in range(24)])
+        assert pipeline.agent_due(100.5) is None  # 24 arrivals only
+        self._arrive(pipeline, [100.48])
+        assert pipeline.agent_due(100.49) is not None
+        assert pipeline.agent_due(100.60) is None  # the agent stopped sending
+        pipeline.forget_arrivals()
+        assert pipeline.agent_due(100.49) is None
+        scattered = [200.0 + 0.020 * i + (0.009 if i % 2 else 0.0) for i in range(25)]
+        self._arrive(pipeline, scattered)
+        assert pipeline.agent_due(scattered[-1]) is None
+
+    def test_without_a_time_arrivals_are_not_counted(self) -> None:
+        pipeline = MediaPipeline(detect_beep=False)
+        for _ in range(30):
+            pipeline.agent_audio(bytes(FRAME_BYTES), SAMPLE_RATE)
+        assert pipeline.agent_due(0.0) is None
+
+
+class TestStandingPlayoutQueue:
+    def test_one_frame_left_waiting_for_a_second_is_trimmed_once(self) -> None:
+        pipeline = MediaPipeline(detect_beep=False)
+        pipeline.agent_audio(bytes(FRAME_BYTES), SAMPLE_RATE)  # one late frame's legacy
+        for tick in range(pipeline_module.STANDING_TICKS):
+            pipeline.agent_audio(bytes(FRAME_BYTES), SAMPLE_RATE)
+            pipeline.next_out()
+            expected = 0.0 if tick == pipeline_module.STANDING_TICKS - 1 else 20.0
+            assert pipeline.playout.queued_ms == expected
+        assert pipeline.playout.counters.trimmed_ms == 20.0
+        for _ in range(3 * pipeline_module.STANDING_TICKS):
+            pipeline.agent_audio(bytes(FRAME_BYTES), SAMPLE_RATE)
+            pipeline.next_out()
+        assert pipeline.playout.counters.trimmed_ms == 20.0
+
+    def test_three_frames_standing_are_trimmed_together(self) -> None:
+        pipeline = MediaPipeline(detect_beep=False)
+        pipeline.agent_audio(bytes(FRAME_BYTES * 3), SAMPLE_RATE)  # the agent caught up at once
+        for _ in range(pipeline_module.STANDING_TICKS):
+            pipeline.agent_audio(bytes(FRAME_BYTES), SAMPLE_RATE)
+            pipeline.next_out()
+        assert pipeline.playout.counters.trimmed_ms == 60.0
+        assert pipeline.playout.queued_ms == 0.0
+
+    def test_a_sender_running_ahead_is_not_trimmed(self) -> None:
+        """A frame more every ten ticks: the queue grows, it does not stand."""
+        pipeline = MediaPipeline(detect_beep=False)
+        pipeline.agent_audio(bytes(FRAME_BYTES), SAMPLE_RATE)
+        for tick in range(5 * pipeline_module.STANDING_TICKS):
+            frames = 2 if tick % 10 == 0 else 1
+            pipeline.agent_audio(bytes(FRAME_BYTES * frames), SAMPLE_RATE)
+            pipeline.next_out()
+        assert pipeline.playout.counters.trimmed_ms == 0.0
+
+    def test_a_burst_faster_than_real_time_is_never_trimmed(self) -> None:
+        pipeline = MediaPipeline(detect_beep=False)
+        pipeline.agent_audio(bytes(FRAME_BYTES * 200), SAMPLE_RATE)  # 4 s of TTS at once
+        for _ in range(199):
+            pipeline.next_out()
+        assert pipeline.playout.counters.trimmed_ms == 0.0
+        assert pipeline.playout.queued_ms == 20.0

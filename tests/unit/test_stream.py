@@ -49,6 +49,31 @@ class TestPacketisationToTicks:
         assert RtpStream(PCMU).pull_frame(5.0) is None
 
 
+class TestNextFrameDue:
+    """``next_due``: when the caller's next 20 ms frame can be pulled (the session ticks right
+    after it), known only for packets a frame long."""
+
+    def test_20ms_packets_give_the_next_packets_due_time(self) -> None:
+        stream = RtpStream(PCMU, jitter_min_ms=4)
+        assert stream.next_due() is None
+        for i in range(3):
+            stream.receive(RtpPacket(0, i, 160 * i, 1, bytes(160)), 10.0 + 0.02 * i)
+        due = stream.next_due()
+        assert due is not None
+        assert due == stream.jitter.next_due()
+        assert stream.pull_frame(due - 0.001) is None
+        assert stream.pull_frame(due) is not None
+
+    def test_30ms_packets_give_none(self, sipp_share: Path) -> None:
+        stream = RtpStream(PCMA, 101)
+        now = 0.0
+        for _, packet in _packets(sipp_share / "g711a.pcap")[:5]:
+            stream.receive(packet, now)
+            stream.pull_frame(now)
+            assert stream.next_due() is None
+            now += 0.03
+
+
 class TestRfc4733RoundTrip:
     def test_sent_digits_decode_back(self) -> None:
         stream = RtpStream(PCMU, 101)

@@ -219,6 +219,10 @@ class AriLeg:
             return
         media.send_frame(pcm)
 
+    def frame_due(self) -> float | None:
+        media = self.media
+        return None if media is None or not self._flowing else media.frame_due()
+
     def quality(self) -> MediaQuality:
         return self.media.quality() if self.media is not None else MediaQuality()
 

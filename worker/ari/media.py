@@ -68,6 +68,9 @@ class ExternalMedia:
             return frame
         return self._down.process(frame)
 
+    def frame_due(self) -> float | None:
+        return self.stream.next_due()
+
     def send_frame(self, pcm: bytes) -> None:
         if self.remote is None:
             return

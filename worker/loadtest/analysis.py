@@ -223,7 +223,13 @@ def loss_figures(
             "late": late,
             "rtp_lost_logged": logged,
             "non_audio_packets": other,
-            "percent": round(100 * lost / (played + lost), 4) if played + lost else None,
+            # Late packets came after their playout and were dropped: lost to the caller's
+            # audio all the same (a low jitter floor trades them for latency).
+            "percent": (
+                round(100 * (lost + late) / (played + lost + late), 4)
+                if played + lost + late
+                else None
+            ),
         }
     expected = lost_rtcp = 0
     reported = 0

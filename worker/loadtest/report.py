@@ -245,7 +245,7 @@ def headline(results: Mapping[str, Any]) -> list[tuple[str, str]]:
         (f"round trip p50 / p99 ({latency['window']})", _ms(latency["round_trip"])),
         ("pacing jitter towards the caller p50 / p99", _ms(results["pacing_jitter_ms"])),
         (
-            "loss caller → worker (worker's counters, every call)",
+            "loss caller → worker (worker's counters: lost or late, every call)",
             _loss(loss.get("caller_to_worker")),
         ),
         ("loss caller → worker (probes, RTCP reports)", _loss(loss.get("caller_to_worker_probes"))),

@@ -22,7 +22,7 @@ class EchoDriver:
 
     async def run(self) -> None:
         session = self.session
-        session.pipeline.sink = AgentSink(self._echo, SAMPLE_RATE)
+        session.pipeline.sink = AgentSink(self._echo, SAMPLE_RATE, echoes=True)
         await session.answer()
         await session.wait_ended()
 

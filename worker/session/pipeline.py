@@ -1,19 +1,22 @@
 """One call's media pipeline, sans-I/O: what happens to the caller's frame and the agent's audio
 within one 20 ms tick (8 kHz 16-bit PCM at the leg side).
 
-The tick is two calls around the leg's send, so what the caller hears leaves as early as
-possible:
+The tick has two halves, which the session may run at different moments of the 20 ms (right
+after the caller's frame falls due, and right after the agent's audio usually arrives):
 
-``process(caller, now)`` -> the frame the caller hears:
+``take_caller(caller, now)``, the caller's half:
 1. taps on the caller's frame: VAD and barge-in (only with ``barge_in``), the voicemail beep
-   detector (the first minute), in-band DTMF (legs without RFC 4733);
-2. the caller's audio, resampled to the agent sink's rate, to the agent (``mono``);
-3. the frame the caller hears: the playout buffer (streamed agent audio, marks) mixed with the
-   current prompt; a barge-in detected in step 1 has already silenced it.
+   detector (the first minute, outbound calls), in-band DTMF (legs without RFC 4733);
+2. the caller's audio, resampled to the agent sink's rate, to the agent (``mono``).
 
-``after_send(caller, out)``, once the leg has sent ``out``:
-4. ``mixed``/``stereo`` frames (the caller with what they heard) to the agent;
+``next_out()`` then ``after_send(caller, out)``, the half towards the caller:
+3. the frame the caller hears: the playout buffer (streamed agent audio, marks) mixed with the
+   current prompt; a barge-in detected in step 1 has already silenced it;
+4. once the leg has sent it: ``mixed``/``stereo`` frames (the caller with what they heard) to
+   the agent;
 5. the recorder (caller left, what the caller heard right).
+
+``process(caller, now)`` is steps 1-3 at once.
 
 What happened (interruption, beep, digit, marks reached) is appended to ``events``, which the
 session drains after the tick; nothing here calls out or awaits. With a ``timer`` (the session
@@ -22,11 +25,16 @@ frames in ``recorder_frames``), for the metrics to read at scrape time: two cloc
 two additions a tick, nothing formatted.
 
 Agent side, between ticks: ``agent_audio`` (streamed audio at any rate → resample → playout
-buffer), ``mark``, ``clear``, ``play`` (a prompt, 8 kHz).
+buffer), ``mark``, ``clear``, ``play`` (a prompt, 8 kHz). An agent that streams in real time
+(a frame every 20 ms) sends at a steady moment of the 20 ms: ``agent_due`` says when, from the
+last arrivals, so the session can send right after it; and when some of its frames came late
+and left frames waiting at every tick since, ``next_out`` trims them after a second
+(``STANDING_TICKS``) so the rest of the call is not heard that much late.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +50,15 @@ from worker.legs import SAMPLE_RATE as RATE
 
 SILENCE = bytes(FRAME_BYTES)
 BEEP_WINDOW_TICKS = 60 * 50  # answering machines beep early: listen for 60 s only
+TICK_S = 0.020
+ARRIVALS = 25
+"""Real-time agent audio arrivals ``agent_due`` looks at (half a second of frames)."""
+ARRIVAL_SPREAD_S = 0.008
+"""Arrivals spread wider over the 20 ms than this have no moment to send after."""
+STANDING_TICKS = 50
+"""Frames left waiting after every tick for this many ticks in a row (1 s), their number never
+changing by a whole frame, are a standing queue, not a burst or a sender running ahead: they
+are trimmed (``PlayoutBuffer.trim``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +116,9 @@ class AgentSink:
     rate: int
     combine: Callable[[bytes, bytes], bytes] | None = None
     paused: bool = False
+    echoes: bool = False
+    """``send`` puts the audio straight back into the playout (the echo route): the session
+    keeps its tick's two halves together, the caller's first."""
     resampler: Resampler = field(init=False)  # the caller's audio
     out_resampler: Resampler = field(init=False)  # what the caller hears (with ``combine``)
 
@@ -127,6 +147,10 @@ class MediaPipeline:
     _inband: InbandDtmfDetector | None = field(init=False, default=None)
     _prompts: deque[_Prompt] = field(init=False)
     _return: dict[int, Resampler] = field(init=False)
+    _arrivals: deque[float] = field(init=False)
+    _standing: int = field(init=False, default=0)
+    _standing_lo: float = field(init=False, default=0.0)
+    _standing_hi: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         self.playout = PlayoutBuffer(RATE, 20, self.playout_max_ms)
@@ -134,6 +158,7 @@ class MediaPipeline:
         self._beep = BeepDetector(RATE) if self.detect_beep else None
         self._prompts = deque()
         self._return = {}
+        self._arrivals = deque(maxlen=ARRIVALS)
 
     def use_inband_dtmf(self, enabled: bool) -> None:
         """Detect DTMF tones in the caller's audio: for legs that negotiated no telephone-event
@@ -144,8 +169,11 @@ class MediaPipeline:
             self._inband = InbandDtmfDetector(RATE)
 
     # -- agent → caller (between ticks) -----------------------------------------------------------
-    def agent_audio(self, pcm: bytes, rate: int) -> None:
-        """Streamed audio from the agent at ``rate``; queued for playout (bounded)."""
+    def agent_audio(self, pcm: bytes, rate: int, now: float | None = None) -> None:
+        """Streamed audio from the agent at ``rate``, arrived at ``now``; queued for playout
+        (bounded)."""
+        if now is not None:
+            self._arrivals.append(now)
         if rate != RATE:
             resampler = self._return.get(rate)
             if resampler is None:
@@ -179,6 +207,31 @@ class MediaPipeline:
         """Queue a prompt (8 kHz PCM); ``on_done(True)`` when fully played, False if cleared."""
         self._prompts.append(_Prompt(pcm, on_done))
 
+    def forget_arrivals(self) -> None:
+        """The agent's audio will arrive at another moment (the caller's frames moved)."""
+        self._arrivals.clear()
+
+    def agent_due(self, now: float) -> float | None:
+        """When the agent's next real-time frame (the first after ``now``) is expected to have
+        arrived, from its last ``ARRIVALS`` frames: at the moment of the 20 ms the latest of
+        them came, if they were all within ``ARRIVAL_SPREAD_S`` of each other and recent. None
+        otherwise (the agent is silent, bursts faster than real time, or wanders)."""
+        arrivals = self._arrivals
+        if len(arrivals) < ARRIVALS or now - arrivals[-1] > 2 * TICK_S:
+            return None
+        first = arrivals[0]
+        lo = hi = 0.0
+        for at in arrivals:
+            d = math.remainder(at - first, TICK_S)  # in [-10, 10] ms around the first one
+            if d < lo:
+                lo = d
+            elif d > hi:
+                hi = d
+        if hi - lo > ARRIVAL_SPREAD_S:
+            return None
+        latest = first + hi
+        return latest + math.ceil((now - latest) / TICK_S + 1e-9) * TICK_S
+
     @property
     def agent_speaking(self) -> bool:
         return bool(self._prompts) or self.playout.playing
@@ -186,6 +239,11 @@ class MediaPipeline:
     # -- the tick ------------------------------------------------------------------------------
     def process(self, caller: bytes | None, now: float) -> bytes:
         """Steps 1-3 of the tick (see the module docstring); the frame the caller hears."""
+        self.take_caller(caller, now)
+        return self.next_out()
+
+    def take_caller(self, caller: bytes | None, now: float) -> None:
+        """Steps 1-2: the taps, and the caller's audio to a ``mono`` agent sink."""
         self.ticks += 1
         if caller is not None:
             self._taps(caller, now)
@@ -194,7 +252,6 @@ class MediaPipeline:
             up = sink.resampler.process(SILENCE if self.muted or caller is None else caller)
             if up:
                 sink.send(up)
-        return self.next_out()
 
     def after_send(self, caller: bytes | None, out: bytes) -> None:
         """Steps 4-5 of the tick, once ``out`` has been sent to the caller."""
@@ -219,7 +276,13 @@ class MediaPipeline:
 
     def next_out(self) -> bytes:
         """Step 3: the frame the caller hears now (streamed audio and prompt, mixed)."""
-        stream, reached = self.playout.next_frame()
+        playout = self.playout
+        stream, reached = playout.next_frame()
+        queued = playout.queued_ms
+        if queued >= 20.0:
+            self._standing_queue(queued)
+        else:
+            self._standing = 0
         if reached:
             self.events.append(MarksReached(tuple(mark.name for mark in reached)))
         if not self._prompts:
@@ -233,6 +296,21 @@ class MediaPipeline:
             self._prompts.popleft()
             prompt.on_done(True)
         return mix_saturating(chunk, stream) if self.playout.playing else chunk
+
+    def _standing_queue(self, queued: float) -> None:
+        """A frame or more left waiting after this tick: trim it once it has stood a second."""
+        if self._standing == 0:
+            self._standing_lo = self._standing_hi = queued
+        elif queued < self._standing_lo:
+            self._standing_lo = queued
+        elif queued > self._standing_hi:
+            self._standing_hi = queued
+        self._standing += 1
+        if self._standing_hi - self._standing_lo >= 20.0:
+            self._standing = 0  # it moves: a burst, or a sender running ahead
+        elif self._standing >= STANDING_TICKS:
+            self.playout.trim(self._standing_lo)  # real-time frames came late once: catch up
+            self._standing = 0
 
     def _taps(self, caller: bytes, now: float) -> None:
         vad = self._vad

@@ -5,14 +5,22 @@ tick, pipeline and recorder, the fan-out of DTMF, marks and events, the call's t
 result. What speaks to the agent is an ``AgentDriver`` (jambonz, Twilio or echo; ``drivers.py``
 picks one for the route). The session sees its leg only as a ``worker.legs.Leg``.
 
-The media tick, ``tick(now)``, runs every 20 ms from the process-wide pacer once the call has
-media (early media or the answer), in this order: the leg gives the caller's frame; a ``dial``
-bridge's far leg gives its frame to the playout buffer; ``MediaPipeline.process`` runs the taps
-(VAD/barge-in, beep, in-band DTMF), hands the caller's audio to the agent sink and takes what
-the caller hears from the playout buffer; the leg sends it; the bridge's far leg gets the
-caller's frame; ``MediaPipeline.after_send`` records both (and sends ``mixed``/``stereo``
-frames to the agent); then the tick's pipeline events (interruption, beep, in-band digits,
-marks reached) are handled. A barge-in therefore silences the very tick that heard it.
+The media tick runs every 20 ms from the process-wide pacer once the call has media (early
+media or the answer), in two halves the pacer calls separately. ``tick_in``: the leg gives the
+caller's frame; a ``dial`` bridge's far leg gives its frame to the playout buffer and gets the
+caller's; ``MediaPipeline.take_caller`` runs the taps (VAD/barge-in, beep, in-band DTMF) and
+hands the caller's audio to the agent sink. ``tick_out``: ``MediaPipeline.next_out`` takes what
+the caller hears from the playout buffer, the leg sends it, and ``MediaPipeline.after_send``
+records it with the caller's frame of the last ``tick_in`` (and sends ``mixed``/``stereo``
+frames to the agent). Each half then handles the pipeline's events (interruption, beep,
+in-band digits, marks reached). The halves start in one pacer slot, ``tick_out`` right after
+``tick_in``, so a barge-in silences the very tick that heard it. 200 ms into the media, and
+every second after, each half moves to the slot just after what it waits for (``MediaPacer.align``):
+``tick_in`` to just after the caller's next frame falls due in the jitter buffer
+(``Leg.frame_due``), so the caller's audio leaves for the agent as soon as it may, not up to
+20 ms later; ``tick_out``, when the agent streams in real time, to just after its frames
+usually arrive (``MediaPipeline.agent_due``), so they are not held up to 20 ms either. ``tick``
+runs both halves at once (tests).
 
 Metrics (``worker.metrics``): ``run`` counts the call's setup, then its failure or hangup by
 cause; while it runs, a scrape reads its leg's RTP figures and the recorder's time
@@ -24,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -63,6 +72,17 @@ from worker.session.tts import Synthesizer
 from worker.status_codes import reason_phrase
 
 MarkEvent = Literal["playout", "cleared"]
+ALIGN_FIRST_TICK = 10
+"""The tick (200 ms into the media) at which a call first moves its tick to just after its
+caller's frames fall due, once the jitter buffer has seen a few packets."""
+REALIGN_TICKS = 50
+"""How often (ticks: 1 s) it checks again: the jitter buffer's delay and the clocks drift."""
+IN_MARGIN_S = 0.002
+"""How long after the caller's frame falls due the caller's half of the tick runs."""
+OUT_MARGIN_S = 0.002
+PAIRING_FRAMES = 4
+"""Frames either half may run ahead of the other before the oldest is dropped unrecorded."""
+"""How long after a real-time agent's frames usually arrive the caller's frame is sent."""
 ANSWER_TIMEOUT_S = 10.0
 """How long ``answer()`` waits for the leg to report the answer (a SIP leg does at once)."""
 
@@ -72,7 +92,9 @@ _END_CAUSE_TO_EVENT = {"busy": Event.BUSY, "no-answer": Event.NO_ANSWER, "cancel
 class MediaClock(Protocol):
     """The process-wide 20 ms pacer (``worker.pacer.MediaPacer``)."""
 
-    def add(self, key: object, tick: Callable[[float], None]) -> None: ...
+    def add(self, key: object, tick: Callable[[float], None], after: object = None) -> None: ...
+
+    def align(self, key: object, due: float, now: float) -> bool: ...
 
     def remove(self, key: object) -> None: ...
 
@@ -225,6 +247,15 @@ class CallSession:
         self._ended: asyncio.Future[LegEnd] = loop.create_future()
         self._connected = asyncio.Event()  # answered, or ended
         self._ticking = False
+        self._out_key = (self, "out")  # the pacer's key for tick_out
+        # The frames each half made, paired in order for the recorder (the halves may swap
+        # order for a tick when one moves; a pacer's stall may skip one more than the other).
+        self._heard: deque[bytes | None] = deque(maxlen=PAIRING_FRAMES)  # the caller's
+        self._said: deque[bytes] = deque(maxlen=PAIRING_FRAMES)  # what the caller heard
+        self._align_tick = ALIGN_FIRST_TICK
+        self._out_ticks = 0
+        self._caller_flowing = False  # the caller's frame came on the last tick_in
+        self._out_align_tick = ALIGN_FIRST_TICK
         self._finished = False
         leg.attach(self)
 
@@ -290,16 +321,24 @@ class CallSession:
             name = f"{time.strftime('%Y%m%d-%H%M%S')}-{self.call_sid}.mp3"
             self.recording_path = folder / name
             self.pipeline.recorder = StereoMp3Recorder(self.recording_path, SAMPLE_RATE)
-        if self.services.pacer is not None:
-            self.services.pacer.add(self, self.tick)
+        pacer = self.services.pacer
+        if pacer is not None:
+            pacer.add(self, self.tick_in)
+            pacer.add(self._out_key, self.tick_out, after=self)
 
     def _stop_media(self) -> None:
         if self._ticking and self.services.pacer is not None:
             self.services.pacer.remove(self)
+            self.services.pacer.remove(self._out_key)
         self._ticking = False
 
     def tick(self, now: float) -> None:
-        """One 20 ms media tick (see the module docstring)."""
+        """One whole 20 ms media tick, both halves at once (see the module docstring)."""
+        self.tick_in(now)
+        self.tick_out(now)
+
+    def tick_in(self, now: float) -> None:
+        """The caller's half: their frame to the taps and the agent (and a bridge's far leg)."""
         caller = self.leg.pull_frame(now)
         pipeline = self.pipeline
         bridge = self.bridge
@@ -307,15 +346,58 @@ class CallSession:
             far = bridge.pull_frame(now)
             if far is not None:
                 pipeline.agent_audio(far, SAMPLE_RATE)
-        out = pipeline.process(caller, now)
-        self.leg.send_frame(out)
-        if bridge is not None:
             bridge.send_frame(SILENCE if caller is None else caller)
-        pipeline.after_send(caller, out)
+        if caller is None and self._caller_flowing:
+            # The caller's frame came last tick but is not due this one: the jitter buffer's
+            # delay grew (a lost one would be concealed, not missing). Silence here would put an
+            # extra 20 ms into the agent's stream for good, so the agent gets nothing this once.
+            self._caller_flowing = False
+        else:
+            self._caller_flowing = caller is not None
+            pipeline.take_caller(caller, now)
+        self._heard.append(caller)
         if pipeline.events:
-            events, pipeline.events = pipeline.events, []
-            for event in events:
-                self._pipeline_event(event)
+            self._pipeline_events()
+        if caller is not None and pipeline.ticks >= self._align_tick:
+            self._align_tick = pipeline.ticks + REALIGN_TICKS
+            due = self.leg.frame_due()
+            due = None if due is None else due + IN_MARGIN_S
+            if self._align(self, due, now):
+                pipeline.forget_arrivals()  # the agent's replies move with the caller's frames
+                sink = pipeline.sink
+                if sink is not None and sink.echoes:
+                    self._align(self._out_key, due, now)  # what the caller hears comes from here
+
+    def tick_out(self, now: float) -> None:
+        """The half towards the caller: what they hear, sent, then recorded with their frame."""
+        pipeline = self.pipeline
+        out = pipeline.next_out()
+        self.leg.send_frame(out)
+        heard, said = self._heard, self._said
+        said.append(out)
+        while heard and said:
+            pipeline.after_send(heard.popleft(), said.popleft())
+        if pipeline.events:
+            self._pipeline_events()
+        self._out_ticks += 1
+        if self._out_ticks >= self._out_align_tick:
+            self._out_align_tick = self._out_ticks + REALIGN_TICKS
+            due = pipeline.agent_due(now)
+            self._align(self._out_key, None if due is None else due + OUT_MARGIN_S, now)
+
+    def _align(self, key: object, due: float | None, now: float) -> bool:
+        """Tick ``key`` right after ``due`` from now on (``MediaPacer.align``); True if it
+        moved."""
+        pacer = self.services.pacer
+        if due is None or pacer is None or not self._ticking:
+            return False
+        return pacer.align(key, due, now)
+
+    def _pipeline_events(self) -> None:
+        pipeline = self.pipeline
+        events, pipeline.events = pipeline.events, []
+        for event in events:
+            self._pipeline_event(event)
 
     def _pipeline_event(self, event: PipelineEvent) -> None:
         if isinstance(event, MarksReached):

@@ -77,7 +77,7 @@ class TwilioDriver:
     def on_agent_event(self, event: TwilioConnectionEvent) -> None:
         pipeline = self.session.pipeline
         if isinstance(event, tw.MediaReceived):
-            pipeline.agent_audio(ulaw_decode(event.ulaw), SAMPLE_RATE)
+            pipeline.agent_audio(ulaw_decode(event.ulaw), SAMPLE_RATE, self.session.clock.now())
         elif isinstance(event, tw.MarkRequested):
             try:
                 pipeline.mark(event.name)

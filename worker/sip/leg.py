@@ -186,6 +186,10 @@ class SipLeg:
             self._dtmf(late, "rfc4733")
         return frame
 
+    def frame_due(self) -> float | None:
+        stream = self.stream
+        return None if stream is None else stream.next_due()
+
     def send_frame(self, pcm: bytes) -> None:
         stream = self.stream
         if stream is None:

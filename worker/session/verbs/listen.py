@@ -36,7 +36,7 @@ async def listen(driver: JambonzDriver, verb: ListenVerb) -> None:
 
     def on_event(event: ListenConnectionEvent) -> None:
         if isinstance(event, la.AudioReceived):
-            pipeline.agent_audio(event.audio, return_rate)
+            pipeline.agent_audio(event.audio, return_rate, session.clock.now())
         elif isinstance(event, la.PlayAudio):
             session.spawn(_play_audio(driver, event, protocol))
         elif isinstance(event, la.KillAudio):
