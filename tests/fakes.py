@@ -76,6 +76,7 @@ class FakeLeg:
         self.frames_sent: list[bytes] = []
         self.incoming: deque[bytes] = deque()
         self.due: float | None = None  # what frame_due() says
+        self._pulled_at: float | None = None
 
     @property
     def info(self) -> LegInfo:
@@ -142,7 +143,11 @@ class FakeLeg:
         return True
 
     def pull_frame(self, now: float) -> bytes | None:
-        return self.incoming.popleft() if self.incoming else None
+        """The next incoming frame, one per tick (``now``): a frame is due once per 20 ms."""
+        if not self.incoming or now == self._pulled_at:
+            return None
+        self._pulled_at = now
+        return self.incoming.popleft()
 
     def send_frame(self, pcm: bytes) -> None:
         self.frames_sent.append(pcm)

@@ -340,6 +340,7 @@ class Worker:
                 "reason": result.reason,
                 "agent_audio_dropped_ms": round(counters.playout.dropped_ms),
                 "agent_audio_cleared_ms": round(counters.agent_audio_cleared_ms),
+                "agent_audio_trimmed_ms": round(counters.playout.trimmed_ms),
                 "agent_invalid": counters.invalid_agent_messages,
                 "agent_reconnects": counters.reconnects,
                 "recording": result.recording,

@@ -97,16 +97,21 @@ class MediaPacer:
         periods = max(0, int((now - phase) // TICK_S) + 1)
         return phase + periods * TICK_S
 
-    def align(self, key: object, due: float, now: float) -> bool:
+    def align(self, key: object, due: float, now: float, tolerance: float = 0.0) -> bool:
         """Tick ``key`` from now on in the first slot at or after ``due``'s phase (modulo 20 ms),
         ``key`` having last been ticked at ``now``; ``due`` is when its next work becomes
         possible (after ``now``: its next frame). Its next tick is that slot's first deadline
         at or after ``due``: never a tick before there is work (an extra tick would send an
-        extra frame), and the work is not kept waiting. True if it moved."""
+        extra frame), and the work is not kept waiting. A key whose slot already runs at most
+        ``tolerance`` after ``due``'s phase stays (a moment that wavers across a slot boundary
+        does not move it back and forth). True if it moved."""
         slot = self._slot_of.get(key)
         if slot is None or self._origin is None:
             return False
         phase = (due - self._origin) % TICK_S
+        late = (slot.index * self._slot_s - phase) % TICK_S  # how long after due it runs
+        if late <= tolerance + 1e-6:
+            return False
         index = math.ceil(phase / self._slot_s - 1e-6) % len(self._slots)
         target = self._slots[index]
         if target is slot:

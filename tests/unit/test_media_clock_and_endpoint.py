@@ -212,6 +212,23 @@ class TestMediaPacerAlign:
         assert result == [False]
         assert all(round(b - a, 9) == 0.020 for a, b in itertools.pairwise(seen))
 
+    async def test_within_the_tolerance_after_due_the_key_stays(self) -> None:
+        loop = asyncio.get_running_loop()
+        pacer = MediaPacer(loop, slots=10)
+        results: list[bool] = []
+
+        def tick(now: float) -> None:
+            if not results:
+                results.append(pacer.align("call", now - 0.003, now, tolerance=0.004))
+                results.append(pacer.align("call", now - 0.005, now, tolerance=0.004))
+
+        pacer.add("call", tick)
+        try:
+            await asyncio.sleep(0.03)
+        finally:
+            pacer.close()
+        assert results == [False, True]  # 3 ms after its moment: stays; 5 ms: moves
+
     async def test_an_unknown_key_is_not_moved(self) -> None:
         loop = asyncio.get_running_loop()
         pacer = MediaPacer(loop)

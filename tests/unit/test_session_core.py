@@ -315,7 +315,7 @@ class _Pacer:
         self.ticks[key] = tick
         self.after[key] = after
 
-    def align(self, key: object, due: float, now: float) -> bool:
+    def align(self, key: object, due: float, now: float, tolerance: float = 0.0) -> bool:
         self.aligned.append((key, due, now))
         return True
 
@@ -442,3 +442,35 @@ class TestTickHalves:
             h.session.tick_in(1000.0 + 0.02 * n)
         keys = [key for key, _, _ in pacer.aligned]
         assert keys == ([h.session, (h.session, "out")] if echoes else [h.session])
+
+    async def test_a_frame_held_back_goes_with_the_next_one(self, tmp_path: Path) -> None:
+        """The jitter buffer lets two frames go at once after holding one back: both reach the
+        agent in that tick, and the recorder gets them in order, nothing in between."""
+
+        class Leg(FakeLeg):
+            def pull_frame(self, now: float) -> bytes | None:
+                return self.incoming.popleft() if self.incoming else None  # all that is due
+
+        leg = Leg()
+        h = make_harness(tmp_path, leg=leg)
+        sent: list[bytes] = []
+        h.session.pipeline.sink = AgentSink(sent.append, 8000)
+        recorded: list[bytes] = []
+
+        class Recorder:
+            def write_frame(self, caller: bytes, heard: bytes) -> None:
+                recorded.append(caller)
+
+            def close(self) -> None:
+                pass
+
+        h.session.pipeline.recorder = Recorder()  # type: ignore[assignment]
+        frames = [bytes([n, 0]) * 160 for n in range(1, 4)]
+        leg.incoming.append(frames[0])
+        h.session.tick(1000.0)
+        h.session.tick(1000.02)  # held back
+        leg.incoming.extend(frames[1:])
+        h.session.tick(1000.04)  # both due now
+        assert sent == frames
+        h.session.tick(1000.06)
+        assert recorded == frames

@@ -77,9 +77,14 @@ ALIGN_FIRST_TICK = 10
 caller's frames fall due, once the jitter buffer has seen a few packets."""
 REALIGN_TICKS = 50
 """How often (ticks: 1 s) it checks again: the jitter buffer's delay and the clocks drift."""
-IN_MARGIN_S = 0.002
-"""How long after the caller's frame falls due the caller's half of the tick runs."""
+IN_MARGIN_S = 0.0005
+"""How long after the caller's frame falls due the caller's half of the tick runs (a frame the
+jitter buffer holds back a little longer comes with the next one: ``tick_in``)."""
 OUT_MARGIN_S = 0.002
+ALIGN_TOLERANCE_S = 0.004
+"""A half whose slot already runs at most this long after its moment stays where it is: the
+moment wavers (the jitter buffer's delay, the agent's timing) and every move shifts the
+caller's RTP once."""
 PAIRING_FRAMES = 4
 """Frames either half may run ahead of the other before the oldest is dropped unrecorded."""
 """How long after a real-time agent's frames usually arrive the caller's frame is sent."""
@@ -94,7 +99,7 @@ class MediaClock(Protocol):
 
     def add(self, key: object, tick: Callable[[float], None], after: object = None) -> None: ...
 
-    def align(self, key: object, due: float, now: float) -> bool: ...
+    def align(self, key: object, due: float, now: float, tolerance: float = 0.0) -> bool: ...
 
     def remove(self, key: object) -> None: ...
 
@@ -347,15 +352,24 @@ class CallSession:
             if far is not None:
                 pipeline.agent_audio(far, SAMPLE_RATE)
             bridge.send_frame(SILENCE if caller is None else caller)
-        if caller is None and self._caller_flowing:
+        # (With a dial bridge the far leg takes the caller's frames one a tick, as they come.)
+        if caller is None and self._caller_flowing and bridge is None:
             # The caller's frame came last tick but is not due this one: the jitter buffer's
-            # delay grew (a lost one would be concealed, not missing). Silence here would put an
-            # extra 20 ms into the agent's stream for good, so the agent gets nothing this once.
+            # delay grew (a lost one would be concealed, not missing). It comes with the next
+            # one; silence here would put an extra 20 ms into the agent's stream (and the
+            # recording) for good, so nothing goes this once.
             self._caller_flowing = False
         else:
             self._caller_flowing = caller is not None
             pipeline.take_caller(caller, now)
-        self._heard.append(caller)
+            self._heard.append(caller)
+            if caller is not None and bridge is None:
+                # A frame held back (above, or by a late tick) is due with this one: both go
+                # now, so it does not stay behind as latency for the rest of the call.
+                extra = self.leg.pull_frame(now)
+                if extra is not None:
+                    pipeline.take_caller(extra, now)
+                    self._heard.append(extra)
         if pipeline.events:
             self._pipeline_events()
         if caller is not None and pipeline.ticks >= self._align_tick:
@@ -391,7 +405,7 @@ class CallSession:
         pacer = self.services.pacer
         if due is None or pacer is None or not self._ticking:
             return False
-        return pacer.align(key, due, now)
+        return pacer.align(key, due, now, ALIGN_TOLERANCE_S)
 
     def _pipeline_events(self) -> None:
         pipeline = self.pipeline
