@@ -474,3 +474,18 @@ class TestTickHalves:
         assert sent == frames
         h.session.tick(1000.06)
         assert recorded == frames
+
+    async def test_ticks_the_pacer_skipped_drop_their_playout(self, tmp_path: Path) -> None:
+        """A stalled loop: the pacer skipped five of tick_out's ticks. The agent audio they
+        would have played is dropped, so the caller does not hear the rest 100 ms late."""
+        h = make_harness(tmp_path)
+        playout = h.session.pipeline.playout
+        playout.write(b"\x01\x00" * 160 * 10)
+        h.session.tick_out(1000.0)
+        h.session.tick_out(1000.02)
+        assert playout.queued_ms == 160.0
+        h.session.tick_out(1000.14)  # 120 ms on: five ticks skipped
+        assert playout.queued_ms == 40.0
+        assert playout.counters.trimmed_ms == 100.0
+        h.session.tick_out(1000.178)  # a move stretched this one interval: nothing dropped
+        assert playout.queued_ms == 20.0

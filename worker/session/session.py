@@ -85,6 +85,10 @@ ALIGN_TOLERANCE_S = 0.004
 """A half whose slot already runs at most this long after its moment stays where it is: the
 moment wavers (the jitter buffer's delay, the agent's timing) and every move shifts the
 caller's RTP once."""
+SKIPPED_GAP_S = 0.07
+"""Longer than this between two of a half's ticks, the pacer skipped some (a move stretches
+one interval by less than 40 ms; the pacer skips only past three ticks behind)."""
+TICK_S = 0.020
 PAIRING_FRAMES = 4
 """Frames either half may run ahead of the other before the oldest is dropped unrecorded."""
 """How long after a real-time agent's frames usually arrive the caller's frame is sent."""
@@ -259,6 +263,7 @@ class CallSession:
         self._said: deque[bytes] = deque(maxlen=PAIRING_FRAMES)  # what the caller heard
         self._align_tick = ALIGN_FIRST_TICK
         self._out_ticks = 0
+        self._last_out: float | None = None  # tick_out's last tick
         self._caller_flowing = False  # the caller's frame came on the last tick_in
         self._out_align_tick = ALIGN_FIRST_TICK
         self._finished = False
@@ -385,6 +390,11 @@ class CallSession:
     def tick_out(self, now: float) -> None:
         """The half towards the caller: what they hear, sent, then recorded with their frame."""
         pipeline = self.pipeline
+        last, self._last_out = self._last_out, now
+        if last is not None and now - last > SKIPPED_GAP_S:
+            # The pacer skipped this half's ticks (the loop stalled): the audio they would have
+            # played is dropped, or it would be heard that much late for the rest of the call.
+            pipeline.playout.trim((round((now - last) / TICK_S) - 1) * TICK_S * 1000)
         out = pipeline.next_out()
         self.leg.send_frame(out)
         heard, said = self._heard, self._said
