@@ -29,7 +29,7 @@ from typing import Literal
 __all__ = ["MAX_MARK_NAME_LENGTH", "MarkReached", "PlayoutBuffer", "PlayoutCounters"]
 
 MAX_MARK_NAME_LENGTH = 256
-_COMPACT_BYTES = 64 * 1024  # reclaim consumed buffer space once this much has gone out
+_COMPACT_BYTES = 16 * 1024  # reclaim consumed buffer space once this much has gone out
 
 OverflowPolicy = Literal["drop-oldest", "drop-newest"]
 
@@ -238,7 +238,10 @@ class PlayoutBuffer:
             self._held = queued > 0
             self._last_real = False
             self._silent_frames += 1
-        if self._head >= _COMPACT_BYTES and self._head * 2 >= len(buf):
+        if self._head == len(buf):
+            buf.clear()  # all played (a real-time stream, every tick): nothing to keep
+            self._head = 0
+        elif self._head >= _COMPACT_BYTES and self._head * 2 >= len(buf):
             del buf[: self._head]
             self._head = 0
         reached: list[MarkReached] = []

@@ -8,8 +8,8 @@ breath between slots for sockets. ``align`` moves a call to the slot just after 
 work becomes possible (its caller's next frame falls due in the jitter buffer), so the frame
 does not wait for a slot chosen at random: up to 20 ms, 10 on average. If the loop stalls for
 more than ``max_catch_up`` ticks the lost ones are skipped and counted, so a stall never becomes
-permanent latency. A callback that
-raises is removed and reported through ``on_error``; it never stops the other calls' ticks.
+permanent latency. A callback that raises is removed and reported through ``on_error``; it never
+stops the other calls' ticks.
 
 Each slot run's duration (the work of the calls in it) goes to
 ``aispinner_media_tick_duration_seconds`` and skipped ticks to

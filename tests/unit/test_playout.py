@@ -275,3 +275,22 @@ class TestPlayoutTrim:
         assert buffer.trim(40.0) == 40.0
         _, reached = buffer.next_frame()  # the third frame: the mark's audio went before it
         assert reached == [MarkReached("a")]
+
+
+class TestPlayoutMemory:
+    def test_a_real_time_stream_keeps_no_played_audio(self) -> None:
+        """Per call memory: a frame in, a frame out, every tick: nothing piles up behind."""
+        buffer = PlayoutBuffer(8000)
+        for _ in range(1000):
+            buffer.write(ramp(160))
+            buffer.next_frame()
+        assert len(buffer._buf) == 0
+
+    def test_played_audio_is_reclaimed_while_more_waits(self) -> None:
+        buffer = PlayoutBuffer(8000)
+        buffer.write(ramp(80))  # half a frame always waiting
+        for _ in range(1000):
+            buffer.write(ramp(160))
+            buffer.next_frame()
+        assert len(buffer._buf) < 2 * 16 * 1024
+        assert buffer.queued_ms == 10.0
