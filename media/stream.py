@@ -77,6 +77,7 @@ class RtpStream:
         self._dtmf_queue: deque[DtmfFrame] = deque()
         self._dtmf_start = 0
         self._pending = bytearray()
+        self._popped_at: float | None = None  # the jitter buffer was last read for this now
         self._first_packet = True
         self.counters = StreamCounters()
 
@@ -135,14 +136,18 @@ class RtpStream:
 
     def pull_frame(self, now: float) -> bytes | None:
         """The caller's next 20 ms of PCM due at ``now`` (loss concealed with silence), or None
-        when the peer is not sending (before the first packet, or after a long silence)."""
+        when the peer is not sending (before the first packet, or after a long silence). Called
+        again with the same ``now`` it gives the next frame already due, if any (the jitter
+        buffer is read once per ``now``)."""
         pending = self._pending
         frame_bytes = self.frame_bytes
-        for item in self.jitter.pop(now):
-            if isinstance(item, Gap):
-                pending += bytes(item.samples * 2)
-            else:
-                pending += item.payload
+        if now != self._popped_at:
+            self._popped_at = now
+            for item in self.jitter.pop(now):
+                if isinstance(item, Gap):
+                    pending += bytes(item.samples * 2)
+                else:
+                    pending += item.payload
         if len(pending) > self._max_pending:
             excess = len(pending) - self._max_pending
             excess -= excess % frame_bytes

@@ -34,7 +34,7 @@ TICK = 0.020
 AGENT_RATE = 16000
 
 
-def _speechlike(seconds: float, rate: int, seed: int) -> bytes:
+def speechlike(seconds: float, rate: int, seed: int) -> bytes:
     """Bursts of harmonics and noise with pauses: exercises VAD, codec and MP3 realistically."""
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * rate)) / rate
@@ -48,8 +48,8 @@ def _speechlike(seconds: float, rate: int, seed: int) -> bytes:
 
 def run(calls: int, seconds: float, low_latency: bool, workdir: Path) -> dict[str, Any]:
     ticks = int(seconds / TICK)
-    caller_pcm = _speechlike(seconds, 8000, 1)
-    agent_pcm = _speechlike(seconds, AGENT_RATE, 2)
+    caller_pcm = speechlike(seconds, 8000, 1)
+    agent_pcm = speechlike(seconds, AGENT_RATE, 2)
     # What the caller's phone sends: pre-built RTP datagrams, as they would arrive.
     phone = RtpSender(PCMU.payload_type, 0x1234)
     frame_bytes = FRAME_SAMPLES * 2

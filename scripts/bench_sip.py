@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from media.g711 import PCMU  # noqa: E402
 from tests.sipp import SCENARIOS, Sipp, SippResult, free_port, port_in_use  # noqa: E402
+from worker.loadtest.run import log_records  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 NO_RATE_LIMIT = """# The per-source limiter would measure itself, not the user agent: out of the way
@@ -136,17 +137,7 @@ record = false
         return self.process.returncode
 
     def records(self, message: str) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            if not line.startswith("{"):
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("msg") == message:
-                out.append(record)
-        return out
+        return log_records(self.log_path, message)
 
 
 class CpuMeter:

@@ -5,12 +5,13 @@ in CPU instructions (callgrind), so a change to the 20 ms path shows as a stable
 Per call and per tick, with the production classes and the production settings of an agent
 call (jambonz ``listen`` at 16 kHz, recording on, voicemail detection as the route's default for
 the direction given): the caller's RTP datagram is parsed, goes through RTCP's receive side and
-the stream (G.711 decode, jitter buffer); then what ``CallSession.tick`` runs: the leg's
-``pull_frame``, ``MediaPipeline.process`` (taps, 8 → 16 kHz to the agent sink), the RTP packet
-built for the caller (G.711 encode, RTCP's send side), ``MediaPipeline.after_send`` (the stereo
-MP3 recorder); and the agent's 16 kHz echo of that frame back into the pipeline
-(16 → 8 kHz, playout buffer). Sockets, the event loop and the WebSocket framing are not in
-it: ``make loadtest`` measures the whole worker from outside.
+the stream (G.711 decode, jitter buffer); then what ``CallSession.tick_in`` and ``tick_out``
+run: the leg's ``pull_frame``, ``MediaPipeline.take_caller`` (taps, 8 → 16 kHz to the agent
+sink), ``next_out``, the RTP packet built for the caller (G.711 encode, RTCP's send side),
+``MediaPipeline.after_send`` (the stereo MP3 recorder); and the agent's 16 kHz echo of that
+frame back into the pipeline (16 → 8 kHz, playout buffer, its arrival time noted). Sockets,
+the event loop and the WebSocket framing are not in it: ``make loadtest`` measures the whole
+worker from outside.
 
 Instructions: ``--instructions`` runs this script twice under ``valgrind --tool=callgrind``, with
 ``--ticks`` and with twice as many, and divides the difference by calls × ticks: start-up and
@@ -34,8 +35,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -48,20 +47,11 @@ from worker.config import RouteSettings  # noqa: E402
 from worker.session.pipeline import AgentSink, MediaPipeline  # noqa: E402
 from worker.session.session import detects_voicemail  # noqa: E402
 
+sys.path.insert(0, str(REPO / "scripts"))
+from bench_media import speechlike  # noqa: E402
+
 TICK = 0.020
 AGENT_RATE = 16000
-
-
-def _speechlike(seconds: float, rate: int, seed: int) -> bytes:
-    """Bursts of harmonics and noise with pauses: exercises the codec, taps and MP3."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    f0 = 120 + 40 * np.sin(2 * np.pi * 0.7 * t)
-    phase = 2 * np.pi * np.cumsum(f0) / rate
-    voice = sum(np.sin(k * phase) / k for k in range(1, 8))
-    envelope = (np.sin(2 * np.pi * 0.4 * t) > -0.2).astype(np.float64)
-    signal = 6000 * voice * envelope + 300 * rng.standard_normal(t.size)
-    return np.clip(signal, -32768, 32767).astype("<i2").tobytes()
 
 
 class _Call:
@@ -86,11 +76,13 @@ class _Call:
         if packet is not None:
             self.rtcp.on_rtp(packet.ssrc, packet.sequence, packet.timestamp, now)
             self.stream.receive(packet, now)
-        # CallSession.tick
+        # CallSession.tick_in
         caller = self.stream.pull_frame(now)
         self.stream.poll_dtmf(now)
         pipeline = self.pipeline
-        out = pipeline.process(caller, now)
+        pipeline.take_caller(caller, now)
+        # CallSession.tick_out
+        out = pipeline.next_out()
         rtp = self.stream.send_frame(out)
         self.rtcp.on_sent(len(rtp) - 12)
         pipeline.after_send(caller, out)
@@ -98,7 +90,7 @@ class _Call:
         # the agent's echo of what it was sent
         sent = self.sent
         for chunk in sent:
-            pipeline.agent_audio(chunk, AGENT_RATE)
+            pipeline.agent_audio(chunk, AGENT_RATE, now)
         sent.clear()
         return rtp
 
@@ -108,7 +100,7 @@ class _Call:
 
 def run(calls: int, ticks: int, direction: str, workdir: Path) -> dict[str, Any]:
     seconds = ticks * TICK
-    caller_pcm = _speechlike(seconds, 8000, 1)
+    caller_pcm = speechlike(seconds, 8000, 1)
     frame_bytes = FRAME_SAMPLES * 2
     datagrams = []
     for c in range(calls):

@@ -35,7 +35,8 @@ def _tone_frames(low: float, high: float, seconds: float = 0.12) -> list[bytes]:
 
 def _feed(pipeline: MediaPipeline, frames: list[bytes]) -> None:
     for index, frame in enumerate(frames):
-        out = pipeline.process(frame, index * 0.02)
+        pipeline.take_caller(frame, index * 0.02)
+        out = pipeline.next_out()
         pipeline.after_send(frame, out)
 
 
@@ -135,7 +136,8 @@ class TestListenMixTypes:
         caller = np.full(FRAME_BYTES // 2, 1000, "<i2")
         heard = np.full(FRAME_BYTES // 2, -3000, "<i2")
         pipeline.agent_audio(heard.tobytes(), SAMPLE_RATE)  # what the caller hears this tick
-        out = pipeline.process(caller.tobytes(), 0.0)
+        pipeline.take_caller(caller.tobytes(), 0.0)
+        out = pipeline.next_out()
         assert out == heard.tobytes()
         pipeline.after_send(caller.tobytes(), out)
         return np.frombuffer(b"".join(sent), "<i2"), caller, heard

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from media.dtmf import DtmfReceiver
 from media.g711 import PCMA, PCMU
+from media.jitter import JitterBuffer, JitterOutput
 from media.rtp import RtpPacket
 from media.stream import FRAME_BYTES, FRAME_SAMPLES, RtpStream
 from tests.pcap import read_pcap
@@ -63,6 +64,25 @@ class TestNextFrameDue:
         assert due == stream.jitter.next_due()
         assert stream.pull_frame(due - 0.001) is None
         assert stream.pull_frame(due) is not None
+
+    def test_a_second_pull_at_the_same_time_gives_only_what_was_already_due(self) -> None:
+        reads: list[float] = []
+
+        class Counted(JitterBuffer):
+            def pop(self, now: float) -> list[JitterOutput]:
+                reads.append(now)
+                return super().pop(now)
+
+        stream = RtpStream(PCMU, jitter_min_ms=4)
+        stream.jitter = Counted(8000, min_ms=4, samples_of=lambda pcm: len(pcm) // 2)
+        for i in range(3):
+            stream.receive(RtpPacket(0, i, 160 * i, 1, bytes([0xFF - i]) * 160), 10.0 + 0.02 * i)
+        now = 10.05  # all three due (4 ms after their arrival): one frame a pull
+        frames = [stream.pull_frame(now) for _ in range(4)]
+        assert [f is not None for f in frames] == [True, True, True, False]
+        assert reads == [now]  # the jitter buffer read once for this now
+        stream.pull_frame(10.07)
+        assert reads == [now, 10.07]
 
     def test_30ms_packets_give_none(self, sipp_share: Path) -> None:
         stream = RtpStream(PCMA, 101)

@@ -16,8 +16,6 @@ after the caller's frame falls due, and right after the agent's audio usually ar
    the agent;
 5. the recorder (caller left, what the caller heard right).
 
-``process(caller, now)`` is steps 1-3 at once.
-
 What happened (interruption, beep, digit, marks reached) is appended to ``events``, which the
 session drains after the tick; nothing here calls out or awaits. With a ``timer`` (the session
 passes ``time.perf_counter``) the recorder's time is summed in ``recorder_seconds`` (and its
@@ -45,12 +43,12 @@ from media.resample import Resampler
 from media.tones import BeepDetector, InbandDtmfDetector
 from media.vad import VoiceActivityDetector
 from worker.agent.listen_audio import mix_saturating
-from worker.legs import FRAME_BYTES
+from worker.legs import FRAME_BYTES, FRAME_MS
 from worker.legs import SAMPLE_RATE as RATE
 
 SILENCE = bytes(FRAME_BYTES)
 BEEP_WINDOW_TICKS = 60 * 50  # answering machines beep early: listen for 60 s only
-TICK_S = 0.020
+TICK_S = FRAME_MS / 1000
 ARRIVALS = 25
 """Real-time agent audio arrivals ``agent_due`` looks at (half a second of frames)."""
 ARRIVAL_SPREAD_S = 0.008
@@ -237,11 +235,6 @@ class MediaPipeline:
         return bool(self._prompts) or self.playout.playing
 
     # -- the tick ------------------------------------------------------------------------------
-    def process(self, caller: bytes | None, now: float) -> bytes:
-        """Steps 1-3 of the tick (see the module docstring); the frame the caller hears."""
-        self.take_caller(caller, now)
-        return self.next_out()
-
     def take_caller(self, caller: bytes | None, now: float) -> None:
         """Steps 1-2: the taps, and the caller's audio to a ``mono`` agent sink."""
         self.ticks += 1

@@ -59,6 +59,7 @@ from worker.metrics import CallFigures, WorkerMetrics, process_metrics
 from worker.session.clock import Clock, LoopClock, wait_for
 from worker.session.pipeline import (
     SILENCE,
+    TICK_S,
     BeepDetected,
     Cleared,
     InbandDigit,
@@ -88,7 +89,6 @@ caller's RTP once."""
 SKIPPED_GAP_S = 0.07
 """Longer than this between two of a half's ticks, the pacer skipped some (a move stretches
 one interval by less than 40 ms; the pacer skips only past three ticks behind)."""
-TICK_S = 0.020
 PAIRING_FRAMES = 4
 """Frames either half may run ahead of the other before the oldest is dropped unrecorded."""
 """How long after a real-time agent's frames usually arrive the caller's frame is sent."""
