@@ -23,7 +23,7 @@ from typing import Any
 
 import uvloop
 
-from worker import gcpause
+from worker import gcpause, heap
 from worker.ari.client import AriAuthError
 from worker.ari.stasis import StasisApp
 from worker.backend import Backend, BackendError
@@ -352,6 +352,7 @@ class Worker:
 async def serve(settings: Settings, stop: asyncio.Event, now: asyncio.Event) -> None:
     """One process doing everything until ``stop``; then drain: new calls get 503, live calls
     may go on for ``drain_grace_s`` (or until ``now``), then they are hung up."""
+    heap.tune()
     worker = Worker(settings)
     await worker.start()
     frozen = gcpause.settle()

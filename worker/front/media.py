@@ -30,7 +30,7 @@ from typing import Any
 
 import uvloop
 
-from worker import gcpause
+from worker import gcpause, heap
 from worker.app import Shard, StartError, Worker
 from worker.config import Settings
 from worker.errors import ConfigError, RemoteError
@@ -151,6 +151,7 @@ class MediaProcess:
         loop.add_signal_handler(signal.SIGTERM, self._sigterm)
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+        heap.tune()
         try:
             await self.worker.start()
         except StartError as exc:
