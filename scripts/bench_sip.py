@@ -39,9 +39,9 @@ sys.path.insert(0, str(ROOT))
 
 from media.g711 import PCMU  # noqa: E402
 from tests.sipp import SCENARIOS, Sipp, SippResult, free_port, port_in_use  # noqa: E402
+from worker.loadtest.procs import read_stat, tree  # noqa: E402
 from worker.loadtest.run import log_records  # noqa: E402
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 NO_RATE_LIMIT = """# The per-source limiter would measure itself, not the user agent: out of the way
 # (bench_flood.py measures it).
 rate_limit_per_second = 100000
@@ -59,6 +59,7 @@ class WorkerProcess:
         workdir: Path,
         rtp_ports: int,
         *,
+        processes: int = 1,
         sip_extra: str = NO_RATE_LIMIT,
         top: str = "",
         tail: str = "",
@@ -72,7 +73,7 @@ class WorkerProcess:
         self.config.write_text(
             f"""data_dir = "{workdir / "data"}"
 store = false
-processes = 1
+processes = {processes}
 {top}
 
 [log]
@@ -112,16 +113,23 @@ record = false
             cwd=self.workdir,
             env={k: v for k, v in os.environ.items() if not k.startswith("AISPINNER_")},
         )
-        deadline = time.monotonic() + 15
-        while not port_in_use(self.port):
+        # Ready when it says so: with media processes the front listens before they are up,
+        # and until then it drops what it gets (the peer retransmits after 500 ms).
+        deadline = time.monotonic() + 30
+        while not (port_in_use(self.port) and self.ready()):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the worker did not start:\n{self.log_path.read_text()}")
             time.sleep(0.05)
 
+    def ready(self) -> bool:
+        """``started`` (one process) or ``front listening`` (front and media processes)."""
+        return bool(self.records("started") or self.records("front listening"))
+
     def cpu_seconds(self) -> float:
+        """utime + stime of the worker and its media processes (those alive now)."""
         assert self.process is not None
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+        stats = (read_stat(pid) for pid in tree(self.process.pid))
+        return sum(s.cpu_s for s in stats if s is not None)
 
     def stop(self) -> int:
         if self.process is None:
@@ -320,7 +328,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.keep:
         print(f"keeping the worker's log and SIPp's files in {workdir}")
     try:
-        worker = WorkerProcess(workdir, rtp_ports=max(1000, 4 * args.rtp_calls))
+        worker = WorkerProcess(
+            workdir, rtp_ports=max(1000, 4 * args.rtp_calls), processes=args.processes
+        )
         worker.start()
         try:
             if not args.skip_setup:
@@ -369,6 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ramp-cps", type=int, default=50, help="rate the RTP calls start at")
     parser.add_argument("--skip-setup", action="store_true", help="skip (a)")
     parser.add_argument("--skip-rtp", action="store_true", help="skip (b)")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="the worker's media processes (default 0: one per core, as deployed; 1: one "
+        "process doing everything); CPU counts all of them",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the logs and SIPp's files")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     args = parser.parse_args(argv)
