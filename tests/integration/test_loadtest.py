@@ -106,7 +106,12 @@ class TestSmokeLoad:
         assert jitter["count"] > 4 * 400
         assert 0 <= jitter["p50"] <= jitter["p99"] < 60
         loss = results["loss"]
-        for way in ("caller_to_worker", "caller_to_worker_probes", "worker_to_caller_probes"):
+        for way in (
+            "caller_to_worker",
+            "caller_to_worker_probes",
+            "worker_to_caller",
+            "worker_to_caller_probes",
+        ):
             assert loss[way]["packets"] > 0, way
             assert loss[way]["percent"] < 1.0, way
         dtmf = results["dtmf"]

@@ -162,14 +162,33 @@ class TestFigures:
         # audio packet is the loss, and the event packets are only reported.
         records = [{"rtp_in": 524, "rtp_played": 500, "rtp_lost": 1, "rtp_late": 0}]
         loss = analysis.loss_figures([], records)["caller_to_worker"]
-        assert (loss["lost"], loss["packets"], loss["rtp_lost_logged"]) == (1, 501, 1)
+        assert (loss["lost"], loss["packets"], loss["lost_in_network"]) == (1, 501, 1)
         assert loss["non_audio_packets"] == 24
 
     def test_late_packets_count_as_lost_audio(self) -> None:
         records = [{"rtp_in": 396, "rtp_played": 396, "rtp_lost": 2, "rtp_late": 2}]
         loss = analysis.loss_figures([], records)["caller_to_worker"]
-        assert (loss["lost"], loss["late"]) == (2, 2)
+        assert (loss["lost_in_network"], loss["late"], loss["lost"]) == (2, 2, 4)
         assert loss["percent"] == 1.0
+
+    def test_packets_discarded_by_a_worker_that_fell_behind_count_as_lost(self) -> None:
+        # The jitter buffer overflowed (the worker did not take frames for a while): the
+        # packets arrived, but never reached the agent.
+        records = [{"rtp_in": 1000, "rtp_played": 1000, "rtp_lost": 0, "rtp_overflow": 50}]
+        loss = analysis.loss_figures([], records)["caller_to_worker"]
+        assert (loss["lost"], loss["discarded"], loss["lost_in_network"]) == (50, 50, 0)
+        assert loss["percent"] == 5.0
+
+    def test_ticks_the_worker_skipped_count_as_lost_towards_the_caller(self) -> None:
+        # Answered 20 s: 1,000 packets due. One call sent them all (and 3 more: its clock ran
+        # a little ahead, nothing is owed back), the other skipped 250 ticks.
+        records = [
+            {"seconds": 20.0, "rtp_out": 1003},
+            {"seconds": 20.0, "rtp_out": 750},
+        ]
+        loss = analysis.loss_figures([], records)["worker_to_caller"]
+        assert (loss["packets"], loss["lost"], loss["calls"]) == (2000, 250, 2)
+        assert loss["percent"] == 12.5
 
     def test_probe_loss_both_ways(self) -> None:
         probes = [

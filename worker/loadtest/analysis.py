@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from worker.legs import FRAME_MS
 from worker.loadtest.marker import FREQUENCIES
 
 MARKER_PERIOD_S = 0.5
@@ -203,33 +204,47 @@ def loss_figures(
     is at hand), and for the probes from outside (RTCP receiver reports; sequence numbers)."""
     out: dict[str, Any] = {}
     if call_records is not None:
-        played = lost = late = logged = other = 0
+        received = lost = late = discarded = other = 0
+        should_send = not_sent = 0
         for record in call_records:
-            audio = int(record.get("rtp_played") or 0)
+            audio = int(record.get("rtp_played") or 0)  # accepted into the jitter buffer
             # Packets in that were not audio (RFC 4733 events: the worker no longer counts
             # the sequence numbers they take as lost audio, media/stream.py), for the record.
-            not_audio = max(0, int(record.get("rtp_in") or 0) - audio)
-            missing = int(record.get("rtp_lost") or 0)
-            played += audio
-            logged += missing
-            other += not_audio
-            lost += missing
+            other += max(0, int(record.get("rtp_in") or 0) - audio)
+            received += audio
+            lost += int(record.get("rtp_lost") or 0)
             late += int(record.get("rtp_late") or 0)
+            discarded += int(record.get("rtp_overflow") or 0)
+            # Towards the caller: one packet every 20 ms from the answer to the end. A tick
+            # the worker skipped (its loop stalled) sends nothing, and the sequence numbers
+            # stay contiguous: only the count against the clock shows it.
+            expected = round(float(record.get("seconds") or 0.0) * 1000 / FRAME_MS)
+            should_send += expected
+            not_sent += max(0, expected - int(record.get("rtp_out") or 0))
+        gone = lost + late + discarded
         out["caller_to_worker"] = {
             "source": "the worker's per-call jitter buffer counters (every call)",
             "calls": len(call_records),
-            "packets": played + lost,
-            "lost": lost,
+            "packets": received + lost + late,
+            "lost": gone,
+            "lost_in_network": lost,
+            # Late packets came after their playout and were dropped; discarded ones
+            # overflowed the jitter buffer (the worker fell behind): lost to the caller's
+            # audio all the same.
             "late": late,
-            "rtp_lost_logged": logged,
+            "discarded": discarded,
             "non_audio_packets": other,
-            # Late packets came after their playout and were dropped: lost to the caller's
-            # audio all the same (a low jitter floor trades them for latency).
             "percent": (
-                round(100 * (lost + late) / (played + lost + late), 4)
-                if played + lost + late
-                else None
+                round(100 * gone / (received + lost + late), 4) if received + lost + late else None
             ),
+        }
+        out["worker_to_caller"] = {
+            "source": "the worker's per-call counters: packets sent against one per 20 ms "
+            "from the answer to the end (every call)",
+            "calls": len(call_records),
+            "packets": should_send,
+            "lost": not_sent,
+            "percent": round(100 * not_sent / should_send, 4) if should_send else None,
         }
     expected = lost_rtcp = 0
     reported = 0

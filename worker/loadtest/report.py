@@ -245,8 +245,12 @@ def headline(results: Mapping[str, Any]) -> list[tuple[str, str]]:
         (f"round trip p50 / p99 ({latency['window']})", _ms(latency["round_trip"])),
         ("pacing jitter towards the caller p50 / p99", _ms(results["pacing_jitter_ms"])),
         (
-            "loss caller → worker (worker's counters: lost or late, every call)",
+            "loss caller → worker (worker's counters: lost, late or discarded, every call)",
             _loss(loss.get("caller_to_worker")),
+        ),
+        (
+            "loss worker → caller (worker's counters: 20 ms packets not sent, every call)",
+            _loss(loss.get("worker_to_caller")),
         ),
         ("loss caller → worker (probes, RTCP reports)", _loss(loss.get("caller_to_worker_probes"))),
         (
