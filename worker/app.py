@@ -343,6 +343,7 @@ class Worker:
                 "agent_audio_trimmed_ms": round(counters.playout.trimmed_ms),
                 "agent_invalid": counters.invalid_agent_messages,
                 "agent_reconnects": counters.reconnects,
+                "tick_moves": session.tick_moves,
                 "recording": result.recording,
             },
         )

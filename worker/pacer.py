@@ -106,15 +106,8 @@ class MediaPacer:
         ``tolerance`` after ``due``'s phase stays (a moment that wavers across a slot boundary
         does not move it back and forth). True if it moved."""
         slot = self._slot_of.get(key)
-        if slot is None or self._origin is None:
-            return False
-        phase = (due - self._origin) % TICK_S
-        late = (slot.index * self._slot_s - phase) % TICK_S  # how long after due it runs
-        if late <= tolerance + 1e-6:
-            return False
-        index = math.ceil(phase / self._slot_s - 1e-6) % len(self._slots)
-        target = self._slots[index]
-        if target is slot:
+        target = self._target(slot, due, tolerance)
+        if slot is None or target is None:
             return False
         tick = slot.callbacks.pop(key) if key in slot.callbacks else slot.joining.pop(key)[0]
         self._release(slot)
@@ -128,6 +121,22 @@ class MediaPacer:
         else:
             target.joining[key] = (tick, due)
         return True
+
+    def misaligned(self, key: object, due: float, tolerance: float = 0.0) -> bool:
+        """Whether ``align`` would move ``key`` now (asked before moving: a caller may want
+        the same answer a few times in a row first)."""
+        return self._target(self._slot_of.get(key), due, tolerance) is not None
+
+    def _target(self, slot: _Slot | None, due: float, tolerance: float) -> _Slot | None:
+        """The slot a key ticked in ``slot`` moves to for ``due`` (None: it stays)."""
+        if slot is None or self._origin is None:
+            return None
+        phase = (due - self._origin) % TICK_S
+        late = (slot.index * self._slot_s - phase) % TICK_S  # how long after due it runs
+        if late <= tolerance + 1e-6:
+            return None
+        target = self._slots[math.ceil(phase / self._slot_s - 1e-6) % len(self._slots)]
+        return None if target is slot else target
 
     def _release(self, slot: _Slot) -> None:
         """Stop the slot's timer when nobody is left in it."""

@@ -135,8 +135,11 @@ class TestMediaPacerAlign:
             seen.append(now)
             if len(seen) == 2:
                 # the call's frames fall due 7.3 ms after this tick: slot +8 ms from here
+                off = [pacer.misaligned("call", now + 0.0073), pacer.misaligned("call", now)]
+                assert off == [True, False]
                 moved.append(pacer.align("call", now + 0.0073, now))
                 moved.append(pacer.align("call", now + 0.0073, now))  # already there
+                assert not pacer.misaligned("call", now + 0.0073)
 
         pacer.add("call", tick)
         try:

@@ -28,6 +28,7 @@ from worker.legs import (
 from worker.session.echo_driver import EchoDriver
 from worker.session.pipeline import AgentSink
 from worker.session.session import (
+    ALIGN_CONFIRM,
     ALIGN_FIRST_TICK,
     IN_MARGIN_S,
     OUT_MARGIN_S,
@@ -322,6 +323,12 @@ class _Pacer:
     def remove(self, key: object) -> None:
         self.ticks.pop(key, None)
 
+    off: list[bool] | None = None
+    """What successive ``misaligned`` checks answer (None: always off its moment)."""
+
+    def misaligned(self, key: object, due: float, tolerance: float = 0.0) -> bool:
+        return True if not self.off else self.off.pop(0)
+
 
 class TestTickHalves:
     """The tick's two halves: the caller's (``tick_in``) and the one towards the caller
@@ -338,7 +345,7 @@ class TestTickHalves:
         await h.clock.advance(0.1)
         assert pacer.ticks == {}
 
-    async def test_caller_half_aligns_to_the_frame_due_then_every_second(
+    async def test_caller_half_aligns_to_the_frame_due_then_only_when_off_three_checks_running(
         self, tmp_path: Path
     ) -> None:
         pacer = _Pacer()
@@ -346,16 +353,33 @@ class TestTickHalves:
         h.leg.answer()
         tick_in = pacer.ticks[h.session]
         h.leg.due = 5000.0123
-        for n in range(ALIGN_FIRST_TICK + REALIGN_TICKS):
+        checks = ALIGN_FIRST_TICK + ALIGN_CONFIRM * REALIGN_TICKS
+        for n in range(checks + REALIGN_TICKS):
             h.leg.incoming.append(b"\x01\x00" * 160)
             tick_in(1000.0 + 0.02 * n)
         mine = [x for key, due, now in pacer.aligned if key is h.session for x in (due, now)]
         expected = [
             x
-            for n in (ALIGN_FIRST_TICK, ALIGN_FIRST_TICK + REALIGN_TICKS)
+            for n in (ALIGN_FIRST_TICK, checks)
             for x in (5000.0123 + IN_MARGIN_S, 1000.0 + 0.02 * (n - 1))
         ]
         assert mine == pytest.approx(expected)
+        assert h.session.tick_moves == 2
+
+    async def test_a_half_that_is_off_its_moment_only_now_and_then_stays(
+        self, tmp_path: Path
+    ) -> None:
+        pacer = _Pacer()
+        # The first check moves it; then the moment wavers: off, off, on time, off, off, ...
+        pacer.off = [True] + [True, True, False] * 5
+        h = make_harness(tmp_path, answered=False, pacer=pacer)
+        h.leg.answer()
+        tick_in = pacer.ticks[h.session]
+        h.leg.due = 5000.0123
+        for n in range(ALIGN_FIRST_TICK + 15 * REALIGN_TICKS):
+            h.leg.incoming.append(b"\x01\x00" * 160)
+            tick_in(1000.0 + 0.02 * n)
+        assert [key for key, _, _ in pacer.aligned] == [h.session]
 
     async def test_no_caller_audio_no_alignment(self, tmp_path: Path) -> None:
         pacer = _Pacer()

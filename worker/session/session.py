@@ -86,6 +86,10 @@ ALIGN_TOLERANCE_S = 0.004
 """A half whose slot already runs at most this long after its moment stays where it is: the
 moment wavers (the jitter buffer's delay, the agent's timing) and every move shifts the
 caller's RTP once."""
+ALIGN_CONFIRM = 3
+"""After its first alignment, a half moves only when it has been off its moment on this many
+checks in a row (3 s): a moment that wavers under load (the loop's own jitter) must not move
+the caller's RTP every second, each move being a step in its timing at the phone."""
 SKIPPED_GAP_S = 0.07
 """Longer than this between two of a half's ticks, the pacer skipped some (a move stretches
 one interval by less than 40 ms; the pacer skips only past three ticks behind)."""
@@ -106,6 +110,8 @@ class MediaClock(Protocol):
     def align(self, key: object, due: float, now: float, tolerance: float = 0.0) -> bool: ...
 
     def remove(self, key: object) -> None: ...
+
+    def misaligned(self, key: object, due: float, tolerance: float = 0.0) -> bool: ...
 
 
 class PromptSource(Protocol):
@@ -266,6 +272,8 @@ class CallSession:
         self._last_out: float | None = None  # tick_out's last tick
         self._caller_flowing = False  # the caller's frame came on the last tick_in
         self._out_align_tick = ALIGN_FIRST_TICK
+        self._off: dict[object, int] = {}  # a half's checks in a row found off its moment
+        self.tick_moves = 0  # how often a half moved (``session done``)
         self._finished = False
         leg.attach(self)
 
@@ -385,7 +393,8 @@ class CallSession:
                 pipeline.forget_arrivals()  # the agent's replies move with the caller's frames
                 sink = pipeline.sink
                 if sink is not None and sink.echoes:
-                    self._align(self._out_key, due, now)  # what the caller hears comes from here
+                    # What the caller hears comes from here: the halves move together.
+                    self._align(self._out_key, due, now, confirm=False)
 
     def tick_out(self, now: float) -> None:
         """The half towards the caller: what they hear, sent, then recorded with their frame."""
@@ -409,13 +418,24 @@ class CallSession:
             due = pipeline.agent_due(now)
             self._align(self._out_key, None if due is None else due + OUT_MARGIN_S, now)
 
-    def _align(self, key: object, due: float | None, now: float) -> bool:
-        """Tick ``key`` right after ``due`` from now on (``MediaPacer.align``); True if it
-        moved."""
+    def _align(self, key: object, due: float | None, now: float, confirm: bool = True) -> bool:
+        """Tick ``key`` right after ``due`` from now on (``MediaPacer.align``): at once the
+        first time (or without ``confirm``), else once it has been off ``ALIGN_CONFIRM``
+        checks in a row. True if it moved."""
         pacer = self.services.pacer
         if due is None or pacer is None or not self._ticking:
             return False
-        return pacer.align(key, due, now, ALIGN_TOLERANCE_S)
+        if not pacer.misaligned(key, due, ALIGN_TOLERANCE_S):
+            self._off[key] = 0
+            return False
+        off = self._off.get(key)  # None: its first check
+        if confirm and off is not None and off + 1 < ALIGN_CONFIRM:
+            self._off[key] = off + 1
+            return False
+        self._off[key] = 0
+        moved = pacer.align(key, due, now, ALIGN_TOLERANCE_S)
+        self.tick_moves += moved
+        return moved
 
     def _pipeline_events(self) -> None:
         pipeline = self.pipeline
