@@ -85,6 +85,28 @@ class TestRecorderStereoLayout:
         n = min(len(left), len(reference))
         assert np.corrcoef(left[:n].astype(float), reference[:n])[0, 1] > 0.95
 
+    def test_a_tick_at_a_time_is_the_same_file_as_two_positioned_writes(
+        self, tmp_path: Path
+    ) -> None:
+        """``write_frame`` (its every-tick path, and the general one when the frames differ in
+        length or are odd) writes what ``write`` at the longer lane's end would, byte for byte."""
+        caller, agent = tone(440, 4.0), tone(1000, 4.0, 5000.0)
+        frames = [(caller[i : i + 320], agent[i : i + 320]) for i in range(0, len(caller), 320)]
+        frames[30] = (frames[30][0], frames[30][1][:160])  # a short agent frame
+        frames[60] = (frames[60][0][:161], frames[60][1])  # an odd one
+        frames[90] = (b"", frames[90][1])
+        ticked, positioned = tmp_path / "ticked.mp3", tmp_path / "positioned.mp3"
+        with StereoMp3Recorder(ticked) as recorder:
+            for c, a in frames:
+                recorder.write_frame(c, a)
+        with StereoMp3Recorder(positioned) as recorder:
+            for c, a in frames:
+                end = recorder.end
+                recorder.write("caller", c, end)
+                recorder.write("agent", a, end)
+        assert ticked.read_bytes() == positioned.read_bytes()
+        assert ticked.stat().st_size > 10_000
+
     def test_ffprobe_sees_a_stereo_mp3_with_a_valid_lame_tag(self, tmp_path: Path) -> None:
         path = tmp_path / "call.mp3"
         with StereoMp3Recorder(path) as recorder:
