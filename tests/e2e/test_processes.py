@@ -54,6 +54,11 @@ class FrontProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        self.launch()
+        self.wait_for("front listening" if self.processes > 1 else "sip user agent listening")
+
+    def launch(self) -> None:
+        """Start it without waiting for it to be ready."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("AISPINNER_")}
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -63,7 +68,6 @@ class FrontProcess:
                 stderr=subprocess.STDOUT,
                 env=env,
             )
-        self.wait_for("front listening" if self.processes > 1 else "sip user agent listening")
 
     def lines(self) -> list[dict[str, Any]]:
         out = []
@@ -303,3 +307,53 @@ class TestOneSipAddressTwoMediaProcesses:
                 # unanswerable: dropped; the front still serves
                 ok = await run(talkers(tmp_path / "ok", worker.sip_port, 2, 300))
             assert ok.returncode == 0, ok.explain()
+
+    async def test_a_request_that_comes_while_the_media_processes_start_is_answered(
+        self, tmp_path: Path
+    ) -> None:
+        """The front's SIP socket opens before its media processes are ready; what comes
+        meanwhile is held and handed over, so one OPTIONS sent once (never retransmitted) gets
+        its answer."""
+        worker = FrontProcess(tmp_path / "w")
+        await asyncio.to_thread(worker.launch)
+        try:
+            await asyncio.to_thread(_until_bound, worker.sip_port)
+            assert not [x for x in worker.lines() if x.get("msg") == "front listening"]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+                sock.bind(("127.0.0.1", 0))
+                local = sock.getsockname()[1]
+                sock.sendto(options(worker.sip_port, local), ("127.0.0.1", worker.sip_port))
+                sock.settimeout(WAIT)
+                status = sock.recv(65535).decode(errors="replace").split("\r\n", 1)[0]
+            assert status == "SIP/2.0 200 OK"
+            handed = worker.wait_for("messages held until the media process was ready")
+            assert handed["handed_over"] == 1
+        finally:
+            assert await asyncio.to_thread(worker.stop) == 0, worker.tail()
+
+
+def _until_bound(port: int) -> None:
+    """Until something has bound UDP ``port`` on 127.0.0.1 (bounded)."""
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                return
+        time.sleep(0.005)
+    raise AssertionError(f"nothing bound UDP {port}")
+
+
+def options(port: int, local_port: int) -> bytes:
+    lines = [
+        f"OPTIONS sip:echo@127.0.0.1:{port} SIP/2.0",
+        f"Via: SIP/2.0/UDP 127.0.0.1:{local_port};branch=z9hG4bK-early",
+        "Max-Forwards: 70",
+        f"From: <sip:t@127.0.0.1:{local_port}>;tag=a1",
+        f"To: <sip:echo@127.0.0.1:{port}>",
+        "Call-ID: early-options",
+        "CSeq: 1 OPTIONS",
+        "Content-Length: 0",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()

@@ -4,6 +4,7 @@ settings."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import zlib
@@ -13,7 +14,8 @@ import pytest
 
 from worker.config import load_settings
 from worker.errors import ConfigError
-from worker.front.front import media_settings, process_count
+from worker.front import front as front_module
+from worker.front.front import Front, media_settings, process_count
 from worker.front.ipc import (
     ControlFrame,
     FrameError,
@@ -23,6 +25,7 @@ from worker.front.ipc import (
     encode_sip,
 )
 from worker.front.shard import owned_call_id, shard_of
+from worker.sip.message import Message, parse
 from worker.sip.transaction import Transport
 
 
@@ -136,3 +139,80 @@ class TestMediaSettings:
         monkeypatch.setattr("os.cpu_count", lambda: 6)
         assert process_count(load_settings(None, processes=0)) == 6
         assert process_count(load_settings(None, processes=3)) == 3
+
+
+class _Channel:
+    """A media process's end of the socket, as the front sees it."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def send(self, frame: bytes) -> None:
+        self.sent.append(frame)
+
+
+def _invite(call_id: str) -> Message:
+    return parse(
+        (
+            "INVITE sip:echo@127.0.0.1 SIP/2.0\r\n"
+            "Via: SIP/2.0/UDP 127.0.0.1:5099;branch=z9hG4bK-1\r\n"
+            "From: <sip:a@127.0.0.1>;tag=1\r\nTo: <sip:echo@127.0.0.1>\r\n"
+            f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n"
+        ).encode()
+    )
+
+
+class TestHeldUntilReady:
+    """Messages for a media process that is not ready (starting, or restarting after a crash)
+    are held and handed over in order once it is, not dropped for the peer to retransmit."""
+
+    async def _front(self) -> tuple[Front, _Channel]:
+        front = Front(load_settings(None, processes=1))
+        child = front.children[0]
+        channel = _Channel()
+        child.channel = channel  # type: ignore[assignment]
+        child.ready = asyncio.get_running_loop().create_future()
+        return front, channel
+
+    async def test_held_while_starting_then_handed_over_in_order(self) -> None:
+        front, channel = await self._front()
+        for n in range(3):
+            front._route(_invite(f"call-{n}"), ("127.0.0.1", 5099), Transport.UDP)
+        assert channel.sent == []
+        front._control(front.children[0], ControlFrame({"op": "ready", "index": 0}))
+        sent = [decode(frame) for frame in channel.sent]
+        assert [parse(f.data).call_id for f in sent if isinstance(f, SipFrame)] == [
+            "call-0",
+            "call-1",
+            "call-2",
+        ]
+        front._route(_invite("call-3"), ("127.0.0.1", 5099), Transport.UDP)
+        assert len(channel.sent) == 4  # ready: straight through
+        assert front.routed == 4
+
+    async def test_one_older_than_the_age_limit_is_dropped_and_counted(self) -> None:
+        front, channel = await self._front()
+        child = front.children[0]
+        clock = [1000.0]
+        front.clock = lambda: clock[0]
+        front._route(_invite("stale"), ("127.0.0.1", 5099), Transport.UDP)
+        clock[0] += front_module.HELD_MAX_AGE_S + 0.1
+        front._route(_invite("fresh"), ("127.0.0.1", 5099), Transport.UDP)
+        front._control(child, ControlFrame({"op": "ready", "index": 0}))
+        sent = [decode(frame) for frame in channel.sent]
+        assert [parse(f.data).call_id for f in sent if isinstance(f, SipFrame)] == ["fresh"]
+        assert child.dropped == 1
+
+    async def test_beyond_the_limit_the_oldest_is_dropped_and_counted(self) -> None:
+        front, channel = await self._front()
+        child = front.children[0]
+        for n in range(front_module.HELD_MAX + 1):
+            front._route(_invite(f"call-{n}"), ("127.0.0.1", 5099), Transport.UDP)
+        assert child.dropped == 1
+        front._control(child, ControlFrame({"op": "ready", "index": 0}))
+        assert len(channel.sent) == front_module.HELD_MAX
+        first = decode(channel.sent[0])
+        assert isinstance(first, SipFrame)
+        assert parse(first.data).call_id == "call-1"

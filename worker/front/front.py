@@ -17,10 +17,12 @@ turn. A malformed message gets its 400 from the front, statelessly.
 Supervision: a media process that exits (a crash, a SIGKILL) loses only its own calls; it is
 started again with the same index (after 0.5 s, doubling to 30 s while it keeps failing
 within 10 s), so it owns the same Call-IDs and answers their in-dialog requests 481. Until it
-is back, its messages are dropped (peers retransmit). SIGTERM or SIGINT drains: every media
-process stops taking calls (503), lets live calls end within ``drain_grace_s``, hangs up the
-rest and flushes; the front keeps carrying their signalling until the last one exits, then
-stops.
+is ready (at start-up too: the SIP socket opens first, so a taken address fails at once), its
+messages are held, up to ``HELD_MAX`` and ``HELD_MAX_AGE_S``, and handed over in order when it
+is; older ones are dropped and counted (the peer has retransmitted them by then). SIGTERM
+or SIGINT drains: every media process stops taking calls (503), lets live calls end within
+``drain_grace_s``, hangs up the rest and flushes; the front keeps carrying their signalling
+until the last one exits, then stops.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import os
 import socket
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +63,11 @@ STABLE_S = 10.0
 KILL_AFTER_S = 10.0
 """After the drain grace, how long the front waits for a media process before SIGKILL."""
 MIN_PORTS_PER_PROCESS = 8
+HELD_MAX = 1000
+"""Messages held for a media process that is not ready yet (beyond: the oldest dropped)."""
+HELD_MAX_AGE_S = 4.0
+"""A held message older than this when its process becomes ready is dropped: its sender has
+retransmitted it, or given up (an INVITE answered then would ring nobody)."""
 METRICS_TIMEOUT_S = 2.0
 
 
@@ -122,6 +130,8 @@ class MediaChild:
     restarts: int = 0
     backoff_s: float = RESTART_MIN_S
     dropped: int = 0
+    held: deque[tuple[float, bytes]] = field(default_factory=lambda: deque(maxlen=HELD_MAX))
+    """SIP frames that came while it was not ready, with when they came."""
     exited: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -145,6 +155,7 @@ class Front:
         self._next_call = 0
         self._turn = 0
         self.routed = 0
+        self.clock = time.monotonic  # when held messages came (tests set it)
         self.malformed = 0
         self.metrics_server: MetricsServer | None = None
 
@@ -296,11 +307,36 @@ class Front:
     def _route(self, message: Message, source: Address, transport: Transport) -> None:
         child = self.children[shard_of(message.call_id, self.processes)]
         channel = child.channel
+        frame = encode_sip(transport, source, message.raw)
         if channel is None or channel.closed or child.ready is None or not child.ready.done():
-            child.dropped += 1
+            if len(child.held) == HELD_MAX:
+                child.dropped += 1  # the oldest goes
+            child.held.append((self.clock(), frame))
             return
         self.routed += 1
-        channel.send(encode_sip(transport, source, message.raw))
+        channel.send(frame)
+
+    def _hand_over(self, child: MediaChild) -> None:
+        """What came while ``child`` was not ready, in order, now that it is."""
+        channel = child.channel
+        if channel is None:
+            return
+        oldest = self.clock() - HELD_MAX_AGE_S
+        handed = stale = 0
+        while child.held:
+            at, frame = child.held.popleft()
+            if at < oldest:
+                stale += 1
+                continue
+            handed += 1
+            channel.send(frame)
+        self.routed += handed
+        child.dropped += stale
+        if handed or stale:
+            log.info(
+                "messages held until the media process was ready",
+                extra={"index": child.index, "handed_over": handed, "too_old": stale},
+            )
 
     def _malformed(self, error: SipMessageError, source: Address, transport: Transport) -> None:
         self.malformed += 1
@@ -319,6 +355,7 @@ class Front:
         if frame.op == "ready":
             if child.ready is not None and not child.ready.done():
                 child.ready.set_result(None)
+                self._hand_over(child)
         elif frame.op == "failed":
             if child.ready is not None and not child.ready.done():
                 child.ready.set_exception(RuntimeError(str(frame.message.get("error"))))
