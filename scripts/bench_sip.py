@@ -113,8 +113,8 @@ record = false
             cwd=self.workdir,
             env={k: v for k, v in os.environ.items() if not k.startswith("AISPINNER_")},
         )
-        # Ready when it says so: with media processes the front listens before they are up,
-        # and until then it drops what it gets (the peer retransmits after 500 ms).
+        # Ready when it says so: with media processes the front listens before they are up
+        # and holds what it gets until they are, which would count their start-up as setup.
         deadline = time.monotonic() + 30
         while not (port_in_use(self.port) and self.ready()):
             if self.process.poll() is not None or time.monotonic() > deadline:
