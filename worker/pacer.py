@@ -26,9 +26,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from worker.legs import FRAME_MS
 from worker.metrics import WorkerMetrics, process_metrics
 
-TICK_S = 0.020
+TICK_S = FRAME_MS / 1000
 SLOTS = 10
 SLOT_S = TICK_S / SLOTS
 Tick = Callable[[float], None]

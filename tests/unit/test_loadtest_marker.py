@@ -166,7 +166,8 @@ class TestFigures:
         assert loss["non_audio_packets"] == 24
 
     def test_late_packets_count_as_lost_audio(self) -> None:
-        records = [{"rtp_in": 396, "rtp_played": 396, "rtp_lost": 2, "rtp_late": 2}]
+        # 398 audio packets came, 2 of them after their playout; 2 never came: 4 of 400.
+        records = [{"rtp_in": 398, "rtp_played": 398, "rtp_lost": 2, "rtp_late": 2}]
         loss = analysis.loss_figures([], records)["caller_to_worker"]
         assert (loss["lost_in_network"], loss["late"], loss["lost"]) == (2, 2, 4)
         assert loss["percent"] == 1.0

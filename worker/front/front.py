@@ -335,7 +335,12 @@ class Front:
         if handed or stale:
             log.info(
                 "messages held until the media process was ready",
-                extra={"index": child.index, "handed_over": handed, "too_old": stale},
+                extra={
+                    "index": child.index,
+                    "handed_over": handed,
+                    "too_old": stale,
+                    "dropped": child.dropped,  # too old, and beyond HELD_MAX, since it started
+                },
             )
 
     def _malformed(self, error: SipMessageError, source: Address, transport: Transport) -> None:

@@ -207,7 +207,8 @@ def loss_figures(
         received = lost = late = discarded = other = 0
         should_send = not_sent = 0
         for record in call_records:
-            audio = int(record.get("rtp_played") or 0)  # accepted into the jitter buffer
+            # Audio packets the jitter buffer took in: late and discarded ones among them.
+            audio = int(record.get("rtp_played") or 0)
             # Packets in that were not audio (RFC 4733 events: the worker no longer counts
             # the sequence numbers they take as lost audio, media/stream.py), for the record.
             other += max(0, int(record.get("rtp_in") or 0) - audio)
@@ -225,7 +226,7 @@ def loss_figures(
         out["caller_to_worker"] = {
             "source": "the worker's per-call jitter buffer counters (every call)",
             "calls": len(call_records),
-            "packets": received + lost + late,
+            "packets": received + lost,
             "lost": gone,
             "lost_in_network": lost,
             # Late packets came after their playout and were dropped; discarded ones
@@ -234,9 +235,7 @@ def loss_figures(
             "late": late,
             "discarded": discarded,
             "non_audio_packets": other,
-            "percent": (
-                round(100 * gone / (received + lost + late), 4) if received + lost + late else None
-            ),
+            "percent": round(100 * gone / (received + lost), 4) if received + lost else None,
         }
         out["worker_to_caller"] = {
             "source": "the worker's per-call counters: packets sent against one per 20 ms "

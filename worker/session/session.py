@@ -14,8 +14,9 @@ the caller hears from the playout buffer, the leg sends it, and ``MediaPipeline.
 records it with the caller's frame of the last ``tick_in`` (and sends ``mixed``/``stereo``
 frames to the agent). Each half then handles the pipeline's events (interruption, beep,
 in-band digits, marks reached). The halves start in one pacer slot, ``tick_out`` right after
-``tick_in``, so a barge-in silences the very tick that heard it. 200 ms into the media, and
-every second after, each half moves to the slot just after what it waits for (``MediaPacer.align``):
+``tick_in``, so a barge-in silences the very tick that heard it. 200 ms into the media each half
+moves to the slot just after what it waits for (``MediaPacer.align``), and later only when a
+check (every second) has found it off that moment three times in a row (``ALIGN_CONFIRM``):
 ``tick_in`` to just after the caller's next frame falls due in the jitter buffer
 (``Leg.frame_due``), so the caller's audio leaves for the agent as soon as it may, not up to
 20 ms later; ``tick_out``, when the agent streams in real time, to just after its frames
@@ -82,6 +83,7 @@ IN_MARGIN_S = 0.0005
 """How long after the caller's frame falls due the caller's half of the tick runs (a frame the
 jitter buffer holds back a little longer comes with the next one: ``tick_in``)."""
 OUT_MARGIN_S = 0.002
+"""How long after a real-time agent's frames usually arrive the caller's frame is sent."""
 ALIGN_TOLERANCE_S = 0.004
 """A half whose slot already runs at most this long after its moment stays where it is: the
 moment wavers (the jitter buffer's delay, the agent's timing) and every move shifts the
@@ -95,7 +97,6 @@ SKIPPED_GAP_S = 0.07
 one interval by less than 40 ms; the pacer skips only past three ticks behind)."""
 PAIRING_FRAMES = 4
 """Frames either half may run ahead of the other before the oldest is dropped unrecorded."""
-"""How long after a real-time agent's frames usually arrive the caller's frame is sent."""
 ANSWER_TIMEOUT_S = 10.0
 """How long ``answer()`` waits for the leg to report the answer (a SIP leg does at once)."""
 
