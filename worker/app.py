@@ -23,7 +23,7 @@ from typing import Any
 
 import uvloop
 
-from worker import gcpause, heap
+from worker import gcpause, heap, priority
 from worker.ari.client import AriAuthError
 from worker.ari.stasis import StasisApp
 from worker.backend import Backend, BackendError
@@ -354,6 +354,7 @@ async def serve(settings: Settings, stop: asyncio.Event, now: asyncio.Event) -> 
     """One process doing everything until ``stop``; then drain: new calls get 503, live calls
     may go on for ``drain_grace_s`` (or until ``now``), then they are hung up."""
     heap.tune()
+    priority.to_realtime(settings.realtime_priority)
     worker = Worker(settings)
     await worker.start()
     frozen = gcpause.settle()

@@ -271,6 +271,10 @@ class Settings(BaseSettings):
     processes: int = Field(0, ge=0, le=256)
     """Media processes behind the one SIP address (``aispinner-worker run``): 0 = one per CPU
     core, 1 = a single process doing everything."""
+    realtime_priority: int = Field(10, ge=0, le=99)
+    """SCHED_RR priority of the processes that carry calls' media (the media processes, or the
+    single process): 1-99; 0 = the normal scheduler. Refused by the kernel (not root, no
+    ``CAP_SYS_NICE`` nor ``RLIMIT_RTPRIO``): logged, and the media runs at the normal one."""
     drain_grace_s: float = Field(30.0, ge=0)
     """On SIGTERM: how long live calls may go on (no new ones are taken) before they are hung
     up and the worker exits."""

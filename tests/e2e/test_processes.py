@@ -24,6 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.harness import SCENARIOS
+from tests.privileges import may_realtime
 from tests.sipp import Sipp, SippResult, free_port
 
 WAIT = 20.0
@@ -147,6 +148,12 @@ def _children_of(process: FrontProcess) -> list[int]:
     return pids
 
 
+def _policy(pid: int) -> tuple[int, int]:
+    """A process's scheduling policy (without SCHED_RESET_ON_FORK) and real-time priority."""
+    policy = os.sched_getscheduler(pid) & ~os.SCHED_RESET_ON_FORK
+    return policy, os.sched_getparam(pid).sched_priority
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -239,6 +246,22 @@ class TestOneSipAddressTwoMediaProcesses:
         assert setups.get("1", 0.0) == len(done[1])
         assert setups.get("0", 0.0) + setups.get("1", 0.0) == 8
 
+    async def test_the_media_processes_run_at_real_time_priority_the_front_does_not(
+        self, tmp_path: Path
+    ) -> None:
+        async with front(tmp_path / "w") as worker:
+            media = worker.pids()
+            assert worker.process is not None
+            front_policy = _policy(worker.process.pid)
+            policies = {pid: _policy(pid) for pid in media}
+            granted = [x for x in worker.lines() if x.get("msg") == "media at real-time priority"]
+        assert front_policy == (os.SCHED_OTHER, 0)
+        if may_realtime(10):  # the default realtime_priority, and what the runner may grant
+            assert policies == dict.fromkeys(media, (os.SCHED_RR, 10))
+            assert sorted(int(x["pid"]) for x in granted) == sorted(media)
+        else:
+            assert policies == dict.fromkeys(media, (os.SCHED_OTHER, 0))
+
     async def test_a_killed_media_process_loses_only_its_calls_and_is_replaced(
         self, tmp_path: Path
     ) -> None:
@@ -252,6 +275,7 @@ class TestOneSipAddressTwoMediaProcesses:
             restarted = await asyncio.to_thread(worker.wait_for, "media process ready", 3)
             assert restarted["index"] == 0
             assert int(restarted["pid"]) not in (first, second)
+            assert _policy(int(restarted["pid"])) == _policy(second)
             survivors = worker.done_by_process()[1]
             # the other process's calls went on to the end; the killed one's did not
             assert result.stat("SuccessfulCall") == len(survivors)

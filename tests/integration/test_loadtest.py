@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.privileges import may_realtime
 from worker.loadtest.report import PLOTS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,6 +89,13 @@ class TestSmokeLoad:
         assert run["worker_started"]
         assert run["processes"] == 2
         assert len(run["pids"]["worker"]) >= 3, "the front and both media processes"
+        # the media processes at the default realtime_priority when the runner may grant it
+        scheduling = run["scheduling"]
+        assert sum(scheduling.values()) >= 3
+        assert scheduling.get("SCHED_RR 10", 0) == (2 if may_realtime(10) else 0)
+        assert scheduling["SCHED_OTHER"] == sum(scheduling.values()) - scheduling.get(
+            "SCHED_RR 10", 0
+        ), "the front, and the rest of its tree"
 
     def test_latency_jitter_and_loss_are_sane(
         self, smoke: tuple[subprocess.CompletedProcess[str], Path]

@@ -118,6 +118,13 @@ class TestComposeServices:
         worker_test = services["worker"]["healthcheck"]["test"]
         assert worker_test[-1] in copied_into_final_stage()
 
+    def test_the_unprivileged_worker_may_take_its_real_time_priority(self) -> None:
+        """The image's user is not root: RLIMIT_RTPRIO is what grants its media processes
+        SCHED_RR at ``realtime_priority``."""
+        limit = compose()["services"]["worker"]["ulimits"]["rtprio"]
+        settings = load_settings(DOCKER / "worker.example.toml")
+        assert limit >= settings.realtime_priority > 0
+
     def test_worker_settings_point_at_asterisk_through_ari(
         self, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 import uvloop
 
-from worker import gcpause, heap
+from worker import gcpause, heap, priority
 from worker.app import Shard, StartError, Worker
 from worker.config import Settings
 from worker.errors import ConfigError, RemoteError
@@ -152,6 +152,7 @@ class MediaProcess:
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
         heap.tune()
+        priority.to_realtime(self.settings.realtime_priority)
         try:
             await self.worker.start()
         except StartError as exc:

@@ -37,6 +37,26 @@ def read_stat(pid: int) -> ProcStat | None:
     )
 
 
+POLICIES = {0: "SCHED_OTHER", 1: "SCHED_FIFO", 2: "SCHED_RR", 3: "SCHED_BATCH", 5: "SCHED_IDLE"}
+
+
+def scheduling(root: int) -> dict[str, int]:
+    """How many processes of the tree run under each scheduler: ``{"SCHED_RR 10": 2,
+    "SCHED_OTHER": 1}`` (real-time ones with their priority)."""
+    counts: dict[str, int] = {}
+    for pid in tree(root):
+        try:
+            fields = (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields[0] is stat's field 3: rt_priority is field 40, policy field 41
+        rt_priority, policy = int(fields[37]), int(fields[38])
+        name = POLICIES.get(policy, f"policy {policy}")
+        key = f"{name} {rt_priority}" if rt_priority else name
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def _parents() -> dict[int, list[int]]:
     children: dict[int, list[int]] = {}
     for entry in os.scandir(PROC):

@@ -34,7 +34,7 @@ from worker.errors import ConfigError
 from worker.loadtest import analysis, report
 from worker.loadtest import sipp as bulk
 from worker.loadtest.probe import local_address_for
-from worker.loadtest.procs import TreeMeter, TreeSample, read_stat
+from worker.loadtest.procs import TreeMeter, TreeSample, read_stat, scheduling
 
 PROTOCOLS = ("jambonz", "twilio")
 READY_TIMEOUT_S = 60.0
@@ -506,6 +506,7 @@ class Run:
             f" {plan.total_s:.0f} s"
         )
         await self._sample_until_done(t0, meters, sipp_child, probe, probe_state, sipp_dir)
+        worker_scheduling = scheduling(worker.pid) if worker is not None else None
 
         # -- collect ----------------------------------------------------------------------------
         sipp_stats: dict[str, Any] | None = None
@@ -582,11 +583,14 @@ class Run:
             "target": target,
             "worker": (
                 f"started by the tool, {options.process_count} media processes"
-                f" ({'recording' if options.record else 'not recording'})"
+                f" ({'recording' if options.record else 'not recording'}; scheduling: "
+                + ", ".join(f"{n} × {name}" for name, n in (worker_scheduling or {}).items())
+                + ")"
                 if worker is not None
                 else f"at {target}, not started by the tool"
             ),
             "worker_started": worker is not None,
+            "scheduling": worker_scheduling,
             "processes": options.process_count if worker is not None else None,
             "protocol": options.protocol,
             "calls": options.calls,
