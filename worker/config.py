@@ -272,9 +272,10 @@ class Settings(BaseSettings):
     """Media processes behind the one SIP address (``aispinner-worker run``): 0 = one per CPU
     core, 1 = a single process doing everything."""
     realtime_priority: int = Field(10, ge=0, le=99)
-    """SCHED_RR priority of the processes that carry calls' media (the media processes, or the
-    single process): 1-99; 0 = the normal scheduler. Refused by the kernel (not root, no
-    ``CAP_SYS_NICE`` nor ``RLIMIT_RTPRIO``): logged, and the media runs at the normal one."""
+    """SCHED_RR priority of the worker's processes (the front and the media processes, or the
+    single process; not their children): 1-99; 0 = the normal scheduler. Refused by the kernel
+    (not root, no ``CAP_SYS_NICE`` nor ``RLIMIT_RTPRIO``): logged, and they run at the normal
+    one."""
     drain_grace_s: float = Field(30.0, ge=0)
     """On SIGTERM: how long live calls may go on (no new ones are taken) before they are hung
     up and the worker exits."""

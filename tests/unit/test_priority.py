@@ -84,7 +84,7 @@ class TestRealtime:
         assert got["policy"] == os.SCHED_RR
         assert got["priority"] == 10
         assert got["child_policy"] == os.SCHED_OTHER
-        assert [r["msg"] for r in got["records"]] == ["media at real-time priority"]
+        assert [r["msg"] for r in got["records"]] == ["real-time priority"]
 
     def test_refused_it_says_why_and_stays_at_the_normal_scheduler(self) -> None:
         got = _probe(limit=5, asked=10)
@@ -93,7 +93,7 @@ class TestRealtime:
         assert "RLIMIT_RTPRIO >= 10" in got["refused"]
         assert got["records"] == [
             {
-                "msg": "real-time priority refused: the media runs at the normal scheduler",
+                "msg": "real-time priority refused: running at the normal scheduler",
                 "level": "WARNING",
                 "error": got["refused"],
             }

@@ -39,7 +39,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from worker import gcpause
+from worker import gcpause, priority
 from worker.backend import Backend, BackendError
 from worker.config import Settings
 from worker.errors import ConfigError, RemoteError, WorkerError
@@ -497,6 +497,7 @@ SHUTDOWN_EXTRA_S = 5.0
 async def serve(settings: Settings, stop: asyncio.Event, now: asyncio.Event) -> None:
     """The front until ``stop``; then drain (``now``: a second signal, ends the calls at once:
     each media process gets SIGTERM, which cuts its drain short)."""
+    priority.to_realtime(settings.realtime_priority)  # signalling is not starved by media
     front = Front(settings)
     await front.start()
     try:
