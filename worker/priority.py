@@ -5,9 +5,9 @@ FreeSWITCH's packaged systemd unit).
 Under the normal scheduler a media process that wakes for its 20 ms slot can wait on the run
 queue behind whatever else the host runs (the agent, SIPp, a database): measured here at 100
 calls, each media process spent 11-14 % of its time runnable but not running, and the RTP it
-sent the phones showed it (pacing jitter p99 3.4-4.5 ms). Under SCHED_RR it runs as soon as it
-wakes (0.2 % waiting; jitter p99 1.2-1.9 ms). The price: it wakes for each event instead of
-finding several at once (CPU per call up about a sixth in the same runs), and busy real-time
+sent the phones showed it (pacing jitter p99 3.4-5.5 ms). Under SCHED_RR it runs as soon as it
+wakes (0.2 % waiting; jitter p99 1.3-1.6 ms). The price: it wakes for each event instead of
+finding several at once (CPU per call 8 % more in the same session's runs), and busy real-time
 processes leave the rest of the host only what the kernel's real-time throttling keeps for it
 (``/proc/sys/kernel/sched_rt_runtime_us``: 95 % of each core for real-time work by default).
 The front runs at the same priority: were it left at the normal scheduler, media processes
