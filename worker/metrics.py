@@ -52,7 +52,7 @@ from prometheus_client import (
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
-from worker import gcpause
+from worker import gcpause, priority
 
 __all__ = [
     "CALL_CAUSES",
@@ -395,6 +395,12 @@ class WorkerMetrics:
                 1 if all(writer.database_ok for writer in writers) else 0,
             )
         yield from _gc_families()
+        yield _gauge(
+            "realtime_priority",
+            "The SCHED_RR priority this process runs at (realtime_priority); 0: the normal"
+            " scheduler, as asked or because the kernel refused (see the log).",
+            priority.current(),
+        )
 
 
 def _gc_families() -> Iterator[Metric]:

@@ -47,3 +47,14 @@ def to_realtime(priority: int) -> str | None:
         extra={"priority": priority, "error": refused, "pid": os.getpid()},
     )
     return refused
+
+
+def current() -> int:
+    """The real-time priority the calling thread runs at; 0 under the normal scheduler."""
+    try:
+        policy = os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK
+        if policy not in (os.SCHED_RR, os.SCHED_FIFO):
+            return 0
+        return os.sched_getparam(0).sched_priority
+    except (AttributeError, OSError):  # not Linux
+        return 0

@@ -254,7 +254,17 @@ class TestOneSipAddressTwoMediaProcesses:
             pids = [worker.process.pid, *worker.pids()]
             policies = {pid: _policy(pid) for pid in pids}
             granted = [x for x in worker.lines() if x.get("msg") == "real-time priority"]
-        if may_realtime(10):  # the default realtime_priority, and what the runner may grant
+            async with httpx.AsyncClient(timeout=WAIT) as client:
+                response = await client.get(f"http://127.0.0.1:{worker.metrics_port}/metrics")
+        reported = {
+            sample.labels["process"]: sample.value
+            for family in text_string_to_metric_families(response.text)
+            for sample in family.samples
+            if sample.name == "aispinner_realtime_priority"
+        }
+        expected = 10 if may_realtime(10) else 0  # the default, if the runner may grant it
+        assert reported == {"front": expected, "0": expected, "1": expected}
+        if expected:
             assert policies == dict.fromkeys(pids, (os.SCHED_RR, 10))
             assert sorted(int(x["pid"]) for x in granted) == sorted(pids)
         else:
