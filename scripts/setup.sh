@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs everything the project needs on a Debian 12 machine, idempotently:
-# the apt packages (SIPp, ffmpeg, espeak-ng, sox) and the Python virtual environment in .venv.
+# the apt packages (SIPp, ffmpeg, espeak-ng, sox, systemd) and the Python virtual environment in .venv.
 # Called by every Makefile target; safe to run again (it only acts on what is missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(sip-tester ffmpeg espeak-ng sox python3-venv)
+# systemd: its systemd-analyze checks config/aispinner-worker.service (on a Debian host it is
+# there already).
+APT_PACKAGES=(sip-tester ffmpeg espeak-ng sox python3-venv systemd)
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 

@@ -21,7 +21,8 @@ import yaml
 
 from tests.sip_pair import settings_for
 from worker.asterisk_config import TEMPLATES, render
-from worker.config import load_settings
+from worker.config import Settings, load_settings
+from worker.front.front import KILL_AFTER_S, SHUTDOWN_EXTRA_S
 from worker.sip.core import UserAgentCore
 from worker.sip.message import SipRequest, parse
 from worker.sip.transaction import Transport
@@ -124,6 +125,14 @@ class TestComposeServices:
         limit = compose()["services"]["worker"]["ulimits"]["rtprio"]
         settings = load_settings(DOCKER / "worker.example.toml")
         assert limit >= settings.realtime_priority > 0
+
+    def test_docker_waits_for_the_drain_before_it_kills(self) -> None:
+        """``docker compose stop`` sends SIGTERM, then SIGKILL after ``stop_grace_period``
+        (10 s by default): long enough for the drain and the flush after it."""
+        period = compose()["services"]["worker"]["stop_grace_period"]
+        assert period.endswith("s")
+        drain = Settings().drain_grace_s + SHUTDOWN_EXTRA_S + KILL_AFTER_S
+        assert float(period[:-1]) > drain
 
     def test_worker_settings_point_at_asterisk_through_ari(
         self, monkeypatch: pytest.MonkeyPatch
