@@ -15,7 +15,9 @@ that fill the cores would starve the SIP signalling (measured: INVITE → 200 p9
 calls on this 2-core machine).
 
 Children (the private PostgreSQL, ffmpeg, espeak-ng) start at the normal scheduler
-(``SCHED_RESET_ON_FORK``). Threads started after ``to_realtime`` share it.
+(``SCHED_RESET_ON_FORK``), and so do threads started afterwards (the flag applies to every new
+task: the event loop's executor, for DNS look-ups and file work): only the event loop's thread,
+where the 20 ms path runs, is real-time.
 """
 
 from __future__ import annotations

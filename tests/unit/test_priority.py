@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Runs in a fresh interpreter. With LIMIT >= 0 it lowers its RLIMIT_RTPRIO to LIMIT and, when it
 # is root, drops to `nobody` (so only the limit could grant real-time); with -1 it keeps the
 # runner's rights. Then it asks for PRIORITY, and reports what it got, and what
-# a child process started afterwards got.
+# a child process and a thread started afterwards got.
 _PROBE = textwrap.dedent(
     """
     import json, logging, os, resource, subprocess, sys
@@ -44,11 +44,17 @@ _PROBE = textwrap.dedent(
     # /proc/PID/stat, the fields after the command's closing parenthesis: policy is field 41
     child = subprocess.run(["cat", "/proc/self/stat"], capture_output=True, text=True, check=True)
     child_policy = int(child.stdout.rpartition(")")[2].split()[41 - 3])
+    import threading
+    thread_policy = []
+    helper = threading.Thread(target=lambda: thread_policy.append(os.sched_getscheduler(0)))
+    helper.start()
+    helper.join()
     print(json.dumps({
         "refused": refused,
         "policy": os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK,
         "priority": os.sched_getparam(0).sched_priority,
         "child_policy": child_policy,
+        "thread_policy": thread_policy[0],
         "records": records,
     }))
     """
@@ -74,7 +80,7 @@ class TestRealtime:
         assert priority.to_realtime(0) is None
         assert os.sched_getscheduler(0) == before == os.SCHED_OTHER
 
-    def test_granted_it_runs_sched_rr_and_its_children_start_normal(self) -> None:
+    def test_granted_it_runs_sched_rr_and_its_children_and_threads_start_normal(self) -> None:
         got = _probe(limit=-1, asked=10)
         if not may_realtime(10):  # a runner without root, CAP_SYS_NICE or RLIMIT_RTPRIO
             assert got["refused"]
@@ -84,6 +90,7 @@ class TestRealtime:
         assert got["policy"] == os.SCHED_RR
         assert got["priority"] == 10
         assert got["child_policy"] == os.SCHED_OTHER
+        assert got["thread_policy"] == os.SCHED_OTHER  # executor threads: not the 20 ms path
         assert [r["msg"] for r in got["records"]] == ["real-time priority"]
 
     def test_refused_it_says_why_and_stays_at_the_normal_scheduler(self) -> None:
