@@ -23,6 +23,10 @@ class ProcStat:
     """When the process started (clock ticks since boot): with ``pid``, a process's identity."""
     cpu_s: float
     """utime + stime, in seconds."""
+    policy: int = 0
+    """Its scheduling policy (``os.SCHED_*``)."""
+    rt_priority: int = 0
+    """Its real-time priority (0 under the normal scheduler)."""
 
 
 def read_stat(pid: int) -> ProcStat | None:
@@ -31,9 +35,15 @@ def read_stat(pid: int) -> ProcStat | None:
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: split after the last ")".
+    # fields[0] is then stat's field 3; rt_priority is field 40, policy field 41.
     fields = text.rsplit(")", 1)[1].split()
     return ProcStat(
-        pid, int(fields[1]), int(fields[19]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        pid,
+        int(fields[1]),
+        int(fields[19]),
+        (int(fields[11]) + int(fields[12])) / CLOCK_TICKS,
+        policy=int(fields[38]),
+        rt_priority=int(fields[37]),
     )
 
 
@@ -44,15 +54,9 @@ def scheduling(root: int) -> dict[str, int]:
     """How many processes of the tree run under each scheduler: ``{"SCHED_RR 10": 2,
     "SCHED_OTHER": 1}`` (real-time ones with their priority)."""
     counts: dict[str, int] = {}
-    for pid in tree(root):
-        try:
-            fields = (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # fields[0] is stat's field 3: rt_priority is field 40, policy field 41
-        rt_priority, policy = int(fields[37]), int(fields[38])
-        name = POLICIES.get(policy, f"policy {policy}")
-        key = f"{name} {rt_priority}" if rt_priority else name
+    for stat in filter(None, map(read_stat, tree(root))):
+        name = POLICIES.get(stat.policy, f"policy {stat.policy}")
+        key = f"{name} {stat.rt_priority}" if stat.rt_priority else name
         counts[key] = counts.get(key, 0) + 1
     return counts
 

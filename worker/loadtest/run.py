@@ -584,7 +584,11 @@ class Run:
             "worker": (
                 f"started by the tool, {options.process_count} media processes"
                 f" ({'recording' if options.record else 'not recording'}; scheduling: "
-                + ", ".join(f"{n} × {name}" for name, n in (worker_scheduling or {}).items())
+                + (
+                    ", ".join(f"{n} × {name}" for name, n in worker_scheduling.items())
+                    if worker_scheduling
+                    else "not read, the worker had gone"
+                )
                 + ")"
                 if worker is not None
                 else f"at {target}, not started by the tool"
