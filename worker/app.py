@@ -38,7 +38,7 @@ from worker.rtp import RtpPortPool
 from worker.session.clock import LoopClock
 from worker.session.drivers import driver_for
 from worker.session.fetch import AudioFetcher
-from worker.session.session import CallSession, SessionResult, SessionServices
+from worker.session.session import CallSession, SessionResult, SessionServices, tick_failed
 from worker.session.tts import EspeakSynthesizer
 from worker.sip.transport import WireFactory
 from worker.sip.ua import UserAgent
@@ -99,6 +99,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.pacer = MediaPacer(loop)
+        self.pacer.on_error = tick_failed  # a session whose tick raises ends its call
         shard = self.shard
         if "sip" in self.settings.ingress:
             if shard is None:

@@ -11,6 +11,7 @@ import pytest
 from tests.sipp import free_port
 from worker.app import StartError, Worker
 from worker.config import load_settings
+from worker.session.session import tick_failed
 
 
 class TestTakenSipPort:
@@ -34,3 +35,24 @@ class TestTakenSipPort:
         assert "sip.port" in message
         assert "AISPINNER_SIP__PORT" in message
         assert worker.sessions == {}
+
+
+class TestTheMediaPacer:
+    async def test_a_session_whose_tick_raises_ends_its_call(self, tmp_path: Path) -> None:
+        """The worker's pacer hands a raising tick to ``tick_failed`` (which hangs that call
+        up: tests/unit/test_session_core.py), not to its own log-and-drop."""
+        rtp = free_port()
+        settings = load_settings(
+            None,
+            data_dir=tmp_path,
+            sip={"port": free_port()},
+            rtp={"port_min": rtp, "port_max": rtp + 20},
+            store=False,
+        )
+        worker = Worker(settings)
+        await worker.start()
+        try:
+            assert worker.pacer is not None
+            assert worker.pacer.on_error is tick_failed
+        finally:
+            await worker.close()

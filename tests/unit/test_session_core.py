@@ -25,6 +25,7 @@ from worker.legs import (
     LegMediaChanged,
     LegRinging,
 )
+from worker.pacer import MediaPacer
 from worker.session.echo_driver import EchoDriver
 from worker.session.pipeline import AgentSink
 from worker.session.session import (
@@ -35,6 +36,7 @@ from worker.session.session import (
     REALIGN_TICKS,
     AgentCounters,
     MarkEvent,
+    tick_failed,
 )
 from worker.session.status import CallStatus, StatusChange
 
@@ -513,3 +515,43 @@ class TestTickHalves:
         assert playout.counters.trimmed_ms == 100.0
         h.session.tick_out(1000.178)  # a move stretched this one interval: nothing dropped
         assert playout.queued_ms == 20.0
+
+
+class TestATickThatRaises:
+    """A half of the tick that raises (a bug) ends its own call, cause ``worker-error``,
+    instead of leaving it up without media; every other call goes on ticking."""
+
+    async def test_the_call_hangs_up_and_the_others_tick_on(self, tmp_path: Path) -> None:
+        pacer = MediaPacer(asyncio.get_running_loop(), slots=1)
+        pacer.on_error = tick_failed
+        broken = make_harness(tmp_path / "broken", pacer=pacer)
+        healthy = make_harness(tmp_path / "healthy", pacer=pacer)
+        try:
+
+            def fails(now: float) -> bytes | None:
+                raise RuntimeError("a bug in the caller's half")
+
+            broken.leg.pull_frame = fails  # type: ignore[method-assign]
+            sent_before = len(healthy.leg.frames_sent)
+            await asyncio.sleep(0.2)
+            assert broken.leg.hangups == ["worker-error"]
+            assert broken.leg.hangup_statuses == [500]
+            assert broken.session.ended
+            broken_sent = len(broken.leg.frames_sent)
+            await asyncio.sleep(0.1)
+            assert len(broken.leg.frames_sent) == broken_sent  # both halves stopped
+            assert len(healthy.leg.frames_sent) >= sent_before + 10  # 0.3 s: 15 ticks
+            assert healthy.leg.hangups == []
+        finally:
+            pacer.close()
+
+    async def test_the_half_towards_the_caller_is_known_by_its_key(self, tmp_path: Path) -> None:
+        pacer = _Pacer()
+        h = make_harness(tmp_path, pacer=pacer)
+        tick_failed((h.session, "out"), RuntimeError("a bug in tick_out"))
+        assert h.leg.hangups == ["worker-error"]
+        assert pacer.ticks == {}
+
+    def test_a_key_that_is_no_session_is_logged(self, caplog: pytest.LogCaptureFixture) -> None:
+        tick_failed("something else", RuntimeError("boom"))
+        assert "media tick failed; removed" in caplog.text

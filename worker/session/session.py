@@ -31,6 +31,7 @@ cause; while it runs, a scrape reads its leg's RTP figures and the recorder's ti
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections import deque
@@ -101,6 +102,24 @@ ANSWER_TIMEOUT_S = 10.0
 """How long ``answer()`` waits for the leg to report the answer (a SIP leg does at once)."""
 
 _END_CAUSE_TO_EVENT = {"busy": Event.BUSY, "no-answer": Event.NO_ANSWER, "cancelled": Event.HANGUP}
+
+
+log = logging.getLogger("worker.session")
+
+
+def tick_failed(key: object, exc: BaseException) -> None:
+    """The pacer's ``on_error`` for sessions: the session whose half (``tick_in``, keyed by
+    the session, or ``tick_out``, keyed by ``(session, "out")``) raised ends its call
+    (``CallSession.tick_failed``); anything else is logged."""
+    session = key[0] if isinstance(key, tuple) and key else key
+    if isinstance(session, CallSession):
+        session.tick_failed(exc)
+    else:
+        log.error(
+            "media tick failed; removed",
+            exc_info=(type(exc), exc, exc.__traceback__),
+            extra={"key": repr(key)},
+        )
 
 
 class MediaClock(Protocol):
@@ -350,6 +369,19 @@ class CallSession:
             self.services.pacer.remove(self)
             self.services.pacer.remove(self._out_key)
         self._ticking = False
+
+    def tick_failed(self, exc: BaseException) -> None:
+        """A half of the tick raised (a bug): the pacer has dropped that half. The call ends
+        rather than go on without media (the caller hearing silence, the agent hearing
+        nothing, the recording stopped, until somebody hangs up): both halves stop and the
+        leg hangs up, cause ``worker-error``. Other calls tick on."""
+        self.log.error(
+            "media tick failed: hanging up",
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
+        self._stop_media()
+        if not self.ended:
+            self.hangup("worker-error", 500, "media failed")
 
     def tick(self, now: float) -> None:
         """One whole 20 ms media tick, both halves at once (see the module docstring)."""
