@@ -61,6 +61,27 @@ class RecorderCounters:
     odd_bytes: int
 
 
+BITRATE_KBPS = 32
+"""The recording's bit rate: two 8 kHz voices."""
+QUALITY = 7
+"""LAME's quality setting (0 best, 9 fastest; at 8 kHz 7 costs about what 9 does)."""
+BATCH_MS = 200
+"""Audio handed to LAME at a time."""
+
+
+def stereo_encoder(
+    sample_rate: int, bitrate_kbps: int = BITRATE_KBPS, quality: int = QUALITY
+) -> lameenc.Encoder:
+    """The LAME encoder of a recording: stereo, ``sample_rate`` in and out."""
+    encoder = lameenc.Encoder()
+    encoder.set_bit_rate(bitrate_kbps)
+    encoder.set_in_sample_rate(sample_rate)
+    encoder.set_out_sample_rate(sample_rate)
+    encoder.set_channels(2)
+    encoder.set_quality(quality)
+    return encoder
+
+
 class StereoMp3Recorder:
     """Records two aligned mono lanes into one stereo MP3 file as the call goes."""
 
@@ -93,22 +114,16 @@ class StereoMp3Recorder:
         path: str | os.PathLike[str],
         sample_rate: int = 8000,
         *,
-        bitrate_kbps: int = 32,
-        quality: int = 7,
-        batch_ms: int = 200,
+        bitrate_kbps: int = BITRATE_KBPS,
+        quality: int = QUALITY,
+        batch_ms: int = BATCH_MS,
         max_skew_ms: int = 2000,
     ) -> None:
         if sample_rate not in (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000):
             raise ValueError(f"MP3 cannot carry {sample_rate} Hz")
         if batch_ms <= 0 or max_skew_ms < batch_ms:
             raise ValueError("need 0 < batch_ms <= max_skew_ms")
-        encoder = lameenc.Encoder()
-        encoder.set_bit_rate(bitrate_kbps)
-        encoder.set_in_sample_rate(sample_rate)
-        encoder.set_out_sample_rate(sample_rate)
-        encoder.set_channels(2)
-        encoder.set_quality(quality)
-        self._encoder = encoder
+        self._encoder = stereo_encoder(sample_rate, bitrate_kbps, quality)
         self._path = os.fspath(path)
         self._file: BinaryIO = open(self._path, "wb")  # noqa: SIM115 - closed by close()
         self._sample_rate = sample_rate

@@ -93,6 +93,10 @@ class TestSmokeLoad:
         # may grant it (the worker starts no other process with store = false)
         scheduling = run["scheduling"]
         assert scheduling == {"SCHED_RR 10" if may_realtime(10) else "SCHED_OTHER": 3}
+        (name,) = scheduling
+        assert run["worker"] == (
+            f"started by the tool, 2 media processes (recording; scheduling: 3 × {name})"
+        )
 
     def test_latency_jitter_and_loss_are_sane(
         self, smoke: tuple[subprocess.CompletedProcess[str], Path]

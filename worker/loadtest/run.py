@@ -300,6 +300,18 @@ def _udp_free(port: int) -> bool:
     return True
 
 
+def _worker_line(options: Options, target: str, scheduling: dict[str, int] | None) -> str:
+    """The report's "Worker:": what the tool started, and the schedulers it ran under."""
+    if scheduling is None:
+        return f"at {target}, not started by the tool"
+    recording = "recording" if options.record else "not recording"
+    ran = ", ".join(f"{n} × {name}" for name, n in scheduling.items())
+    return (
+        f"started by the tool, {options.process_count} media processes ({recording};"
+        f" scheduling: {ran or 'not read, the worker had gone'})"
+    )
+
+
 def worker_config(
     options: Options, work: Path, *, sip_port: int, rtp_min: int, rtp_max: int, agent_url: str
 ) -> str:
@@ -581,18 +593,7 @@ class Run:
             "started_at": started_at,
             "command": options.command(),
             "target": target,
-            "worker": (
-                f"started by the tool, {options.process_count} media processes"
-                f" ({'recording' if options.record else 'not recording'}; scheduling: "
-                + (
-                    ", ".join(f"{n} × {name}" for name, n in worker_scheduling.items())
-                    if worker_scheduling
-                    else "not read, the worker had gone"
-                )
-                + ")"
-                if worker is not None
-                else f"at {target}, not started by the tool"
-            ),
+            "worker": _worker_line(options, target, worker_scheduling),
             "worker_started": worker is not None,
             "scheduling": worker_scheduling,
             "processes": options.process_count if worker is not None else None,
