@@ -10,6 +10,13 @@ is four times the RFC 3550 interarrival jitter (appendix A.8), kept between ``mi
 ``max_ms`` less 50 ms of headroom (one packet and one pop interval). The offset grows at once when
 more delay is needed and shrinks by at most 10 % of elapsed time.
 
+Early release. With ``early=True`` a packet that is next in order goes out at the first ``pop``
+after it arrived, without waiting for its due time: the target delay then only says how long a
+missing packet is waited for before it is concealed (and a reordered one still finds its place
+while it is waited for). ``next_due`` then gives when the next packet is expected at the
+earliest (the fast-path transit after its timestamp). Latency is what the network gave, not
+the network's worst case; the output is as smooth as the arrivals.
+
 Output. ``pop`` returns, in order, ``JitterFrame`` (a packet) and ``Gap`` (conceal that many
 samples) items. Their ``timestamp`` is the position on the buffer's own output timeline:
 unwrapped RTP units, strictly increasing, continuous across resynchronisations (a new SSRC, a
@@ -159,6 +166,7 @@ class JitterBuffer:
         "_conceal_cap",
         "_concealed",
         "_duplicated",
+        "_early",
         "_high_ext_seq",
         "_high_ext_ts",
         "_high_raw_seq",
@@ -206,10 +214,12 @@ class JitterBuffer:
         max_ms: float = 200.0,
         max_conceal_ms: float = 300.0,
         samples_of: Callable[[bytes], int] | None = len,
+        early: bool = False,
     ) -> None:
         """``min_ms``: lowest target delay. ``max_ms``: most audio ever buffered (the target stays
         50 ms below it, so keep ``min_ms <= max_ms - 50``). ``max_conceal_ms``: longest run of
         ``Gap`` output. ``samples_of``: samples in a payload, or None to use timestamp deltas.
+        ``early``: release packets in order as soon as they are here (module docstring).
         Raises ``ValueError`` for impossible settings."""
         if clock_rate <= 0:
             raise ValueError(f"clock_rate must be positive, not {clock_rate}")
@@ -220,6 +230,7 @@ class JitterBuffer:
         rate = float(clock_rate)
         self._rate = rate
         self._samples_of = samples_of
+        self._early = early
         self._min_units = min_ms * rate / 1000.0
         self._max_units = max_ms * rate / 1000.0
         self._max_target = max(self._min_units, self._max_units - _HEADROOM_S * rate)
@@ -299,10 +310,11 @@ class JitterBuffer:
 
     def next_due(self) -> float | None:
         """When (on the clock ``push`` and ``pop`` are given) the audio at the playout cursor
-        falls due: the earliest ``pop`` that returns it. None before the first packet."""
+        falls due: the earliest ``pop`` that returns it (with ``early``, when it is expected to
+        arrive at the earliest). None before the first packet."""
         if not self._anchored:
             return None
-        return (self._next_ts + self._offset) / self._rate
+        return (self._next_ts + (self._base if self._early else self._offset)) / self._rate
 
     @property
     def packet_samples(self) -> int:
@@ -384,6 +396,20 @@ class JitterBuffer:
         cap = self._conceal_cap
         nominal = self._nominal
         seen = self._seen
+        if self._early:
+            # What has arrived in order goes now, before its due time.
+            slot = packets.get(next_seq)
+            while slot is not None and slot[0] == next_ts:
+                del packets[next_seq]
+                next_seq += 1
+                seen = ((seen << 1) | 1) & _SEEN_MASK
+                samples = slot[3] or self._delta_to(next_seq, next_ts, nominal)
+                out.append(JitterFrame(slot[1], next_ts, slot[2], samples, slot[4]))
+                self._last_out = next_ts
+                next_ts += samples
+                run = 0
+                nominal = samples if samples > self._min_chunk else self._min_chunk
+                slot = packets.get(next_seq)
         while next_ts <= play_pos:
             slot = packets.get(next_seq)
             if slot is not None:

@@ -53,8 +53,11 @@ class RtpStream:
         *,
         jitter_min_ms: float = 40.0,
         jitter_max_ms: float = 200.0,
+        jitter_early: bool = False,
         ssrc: int | None = None,
     ) -> None:
+        """``jitter_early``: the caller's packets go out as soon as they are here in order,
+        not at their place in the jitter buffer's playout (``JitterBuffer``'s ``early``)."""
         self.codec = codec
         self.telephone_event_pt = telephone_event_pt
         rate = codec.clock_rate
@@ -63,7 +66,11 @@ class RtpStream:
         self.frame_bytes = self.frame_samples * 2
         self._max_pending = self.frame_bytes * 10  # 200 ms of decoded audio waiting for ticks
         self.jitter = JitterBuffer(
-            rate, min_ms=jitter_min_ms, max_ms=jitter_max_ms, samples_of=_pcm_samples
+            rate,
+            min_ms=jitter_min_ms,
+            max_ms=jitter_max_ms,
+            samples_of=_pcm_samples,
+            early=jitter_early,
         )
         self.sender = RtpSender(
             codec.payload_type, secrets.randbits(32) if ssrc is None else ssrc, clock_rate=rate

@@ -155,6 +155,13 @@ class FakeLeg:
     def frame_due(self) -> float | None:
         return self.due
 
+    def arrive(self, frame: bytes, now: float) -> None:
+        """The caller's next frame arrives at ``now`` (after that moment's tick, if any)."""
+        self.incoming.append(frame)
+        self._pulled_at = None
+        if self.observer is not None:
+            self.observer.on_caller_audio(now)
+
     def quality(self) -> MediaQuality:
         return MediaQuality(packets_in=len(self.frames_sent))
 

@@ -79,6 +79,9 @@ class RtpSettings(_Section):
     inactivity_timeout_s: float = Field(30.0, gt=0)
     jitter_min_ms: int = Field(4, ge=1)
     jitter_max_ms: int = Field(200, ge=20)
+    jitter_early: bool = True
+    """The caller's packets go to the agent as soon as they are here in order (True), or at
+    their place in the jitter buffer's playout, up to the target delay later (False)."""
     nat_latch: bool = False
 
     @model_validator(mode="after")

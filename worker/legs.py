@@ -143,6 +143,11 @@ class LegObserver(Protocol):
     def on_leg_event(self, event: LegEvent) -> None:
         """One event, synchronously, in order. Must not raise; must not block."""
 
+    def on_caller_audio(self, now: float) -> None:
+        """A packet of the caller's audio was filed (in the jitter buffer) at ``now``: a frame
+        missing at its tick may be taken now (``pull_frame``), not a tick later. Called for
+        every packet, on the 20 ms path: must be cheap, must not raise."""
+
 
 class CallFailedError(RemoteError):
     """A call ended without being answered (busy, no answer, declined, unreachable)."""
@@ -221,6 +226,9 @@ class LegWatch:
         self.ended: asyncio.Future[LegEnd] = loop.create_future()
         self.events: list[LegEvent] = []
         self.forward = forward
+
+    def on_caller_audio(self, now: float) -> None:
+        """A watched leg's audio is taken by whoever carries it, at its ticks."""
 
     def on_leg_event(self, event: LegEvent) -> None:
         self.events.append(event)

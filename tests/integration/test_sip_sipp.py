@@ -67,6 +67,9 @@ class MediaTap:
         leg.attach(self)
         self.pacer.add(leg, self.tick)
 
+    def on_caller_audio(self, now: float) -> None:
+        """Frames are taken at the tick."""
+
     def on_leg_event(self, event: LegEvent) -> None:
         if self.on_event is not None:
             self.on_event(event)

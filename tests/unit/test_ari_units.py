@@ -6,6 +6,7 @@ as recorded), and the ExternalMedia address from the channel variables."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -32,9 +33,10 @@ from worker.ari.models import (
     parse_event,
 )
 from worker.ari.trunks import trunk_objects
-from worker.config import AriSettings, AriTrunkSettings
+from worker.config import AriSettings, AriTrunkSettings, RtpSettings
 from worker.legs import LegWatch, MediaQuality
 from worker.log import call_logger
+from worker.rtp import RtpEndpoint
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "ari"
 RECORDINGS = DATA / "recordings"
@@ -269,6 +271,25 @@ class TestExternalMediaAudio:
                     assert len(frame) == 320
                     got += frame
         assert len(got) >= 320 * 20
+
+    async def test_each_packet_is_told_to_the_leg_and_its_frame_is_there_at_once(self) -> None:
+        """``LegObserver.on_caller_audio`` (with ``rtp.jitter_early``, the default)."""
+
+        class Observer(LegWatch):
+            told: list[float]
+
+            def on_caller_audio(self, now: float) -> None:
+                self.told.append(now)
+
+        leg = TestLegContractGuards()._leg("inbound")
+        endpoint = RtpEndpoint(asyncio.get_running_loop())
+        leg.media = ExternalMedia(endpoint, "ulaw", RtpSettings())
+        observer = Observer()
+        observer.told = []
+        leg.attach(observer)
+        leg.media.rtp_received(RtpPacket(0, 1, 160, 7, b"\xff" * 160), 2.0)
+        assert observer.told == [2.0]
+        assert leg.media.pull_frame(2.0) == bytes(320)  # µ-law 0xff is silence
 
     def test_mixed_rates_are_refused(self) -> None:
         from media.g711 import PCMU

@@ -569,11 +569,96 @@ push_op = st.tuples(
 pop_op = st.tuples(st.just("pop"), st.one_of(st.floats(0.0, 0.05), st.floats(0.0, 120.0)))
 
 
+class TestEarlyRelease:
+    """``early=True``: a packet next in order goes at the first pop after it arrived; the target
+    delay only bounds the wait for a missing one."""
+
+    def test_a_packet_in_order_goes_at_the_first_pop_after_it_arrived(self) -> None:
+        jb = JitterBuffer(min_ms=40.0, early=True)
+        jb.push(Pkt(7, 1000, bytes(160)), 10.0)
+        (frame,) = jb.pop(10.0)
+        assert frame == JitterFrame(bytes(160), 1000, 7, 160, False)
+        jb.push(Pkt(8, 1160, bytes(160)), 10.021)
+        assert jb.pop(10.021) == [JitterFrame(bytes(160), 1160, 8, 160, False)]
+        assert jb.pop(10.05) == []  # the next one is not here, and not yet given up
+
+    def test_next_due_is_when_the_next_packet_is_expected_at_the_earliest(self) -> None:
+        jb = JitterBuffer(min_ms=40.0, early=True)
+        jb.push(Pkt(7, 1000, bytes(160)), 10.0)
+        jb.push(Pkt(8, 1160, bytes(160)), 10.025)  # 5 ms later than the first one's transit
+        assert len(jb.pop(10.025)) == 2
+        assert jb.next_due() == pytest.approx(10.040)  # ts 1320 at the first packet's transit
+
+    def test_a_late_packet_is_waited_for_and_the_next_ones_keep_their_order(self) -> None:
+        arrivals = stream(10)
+        arrivals[5] = (arrivals[5][0] + 0.035, arrivals[5][1])  # 35 ms late, after 6 and 7
+        jb = JitterBuffer(min_ms=40.0, early=True)
+        outputs = run(jb, arrivals, until=0.4)
+        frames = frames_of(outputs)
+        assert [f.sequence for f in frames] == list(range(10))
+        assert gaps_of(played(outputs)) == []
+        assert (jb.stats.lost, jb.stats.late) == (0, 0)
+        # 6 and 7 went no earlier than 5, and all three at the first tick after 5 came.
+        released = {o.sequence: t for t, o in outputs if isinstance(o, JitterFrame)}
+        assert released[5] == released[6] == released[7] >= arrivals[5][0]
+
+    def test_a_missing_packet_is_concealed_after_the_target_delay_and_counted_late(
+        self,
+    ) -> None:
+        arrivals = stream(10)
+        arrivals[5] = (arrivals[5][0] + 0.2, arrivals[5][1])
+        jb = JitterBuffer(min_ms=40.0, early=True)
+        outputs = run(jb, arrivals, until=0.6)
+        assert [f.sequence for f in frames_of(outputs)] == [0, 1, 2, 3, 4, 6, 7, 8, 9]
+        (gap_time, gap) = next((t, o) for t, o in outputs if isinstance(o, Gap))
+        assert gap == Gap(160, 800)
+        # Given up 40 ms (the target delay) after packet 5 was expected, not before.
+        assert gap_time >= stream(10)[5][0] + 0.040
+        assert_contiguous(played(outputs))
+        assert (jb.stats.lost, jb.stats.late) == (1, 1)
+
+    def test_swapped_packets_come_out_in_order(self) -> None:
+        arrivals = stream(12)
+        (t3, p3), (t4, p4) = arrivals[3], arrivals[4]
+        arrivals[3], arrivals[4] = (t3, p4), (t4, p3)
+        jb = JitterBuffer(min_ms=40.0, early=True)
+        # Popped as each packet arrives, as a session catching up on arrival does.
+        outputs: list[tuple[float, JitterOutput]] = []
+        for t, p in arrivals:
+            jb.push(p, t)
+            outputs += [(t, o) for o in jb.pop(t)]
+        assert [f.sequence for f in frames_of(outputs)] == list(range(12))
+        assert jb.stats.reordered == 1
+
+    @settings(max_examples=100, deadline=None)
+    @given(delays=st.lists(st.floats(0.0, 0.015), min_size=5, max_size=60))
+    def test_with_jitter_below_the_target_every_frame_goes_at_its_arrival(
+        self, delays: list[float]
+    ) -> None:
+        """Popped at each arrival: a frame whose predecessors are out goes at once, and nothing
+        is concealed while the jitter stays under the target delay."""
+        jb = JitterBuffer(min_ms=20.0, early=True)
+        arrivals = sorted(
+            (t + delay, p) for (t, p), delay in zip(stream(len(delays)), delays, strict=True)
+        )
+        released: dict[int, float] = {}
+        for t, p in arrivals:
+            jb.push(p, t)
+            released.update((o.sequence, t) for o in jb.pop(t) if isinstance(o, JitterFrame))
+        assert sorted(released) == list(range(len(delays)))
+        arrived = {p.sequence: t for t, p in arrivals}
+        for seq, t in released.items():
+            assert t == max(arrived[s] for s in range(seq + 1))
+        assert jb.stats.concealed_ms == 0.0
+
+
 class TestFuzzedStreams:
     @settings(max_examples=300, deadline=None)
-    @given(ops=st.lists(st.one_of(push_op, pop_op), max_size=300))
-    def test_invariants_hold_for_any_stream(self, ops: list[tuple[object, ...]]) -> None:
-        jb = JitterBuffer(min_ms=40.0, max_ms=200.0, max_conceal_ms=300.0)
+    @given(ops=st.lists(st.one_of(push_op, pop_op), max_size=300), early=st.booleans())
+    def test_invariants_hold_for_any_stream(
+        self, ops: list[tuple[object, ...]], early: bool
+    ) -> None:
+        jb = JitterBuffer(min_ms=40.0, max_ms=200.0, max_conceal_ms=300.0, early=early)
         now = 1000.0
         seq, ts = 100, 16000
         last_timestamp: int | None = None

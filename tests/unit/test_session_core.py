@@ -517,6 +517,88 @@ class TestTickHalves:
         assert playout.queued_ms == 20.0
 
 
+class TestTheCallersFrameOnArrival:
+    """``LegObserver.on_caller_audio``: a frame the caller's half found missing goes to the
+    agent when it arrives, not 20 ms later at the next tick; frames in time still go with
+    the tick."""
+
+    async def test_a_frame_the_tick_found_missing_goes_when_it_arrives(
+        self, tmp_path: Path
+    ) -> None:
+        h = make_harness(tmp_path)
+        sent: list[bytes] = []
+        h.session.pipeline.sink = AgentSink(sent.append, 8000)
+        first, second, third = (bytes([n, 0]) * 160 for n in range(1, 4))
+        h.leg.incoming.append(first)
+        h.session.tick_in(1000.0)
+        h.session.tick_in(1000.02)  # the caller's frame is late
+        assert sent == [first]
+        h.leg.arrive(second, 1000.023)
+        assert sent == [first, second]  # at its arrival
+        h.leg.arrive(third, 1000.035)  # in time for its tick: it waits for it
+        assert sent == [first, second]
+        h.session.tick_in(1000.04)
+        assert sent == [first, second, third]
+        h.session.tick_in(1000.06)  # the caller is late again ...
+        h.session.tick_in(1000.08)  # ... and then silent: the agent hears silence
+        assert sent == [first, second, third, bytes(320)]
+
+    async def test_the_recording_keeps_the_order_of_frames_taken_on_arrival(
+        self, tmp_path: Path
+    ) -> None:
+        h = make_harness(tmp_path)
+        recorded: list[bytes] = []
+
+        class Recorder:
+            def write_frame(self, caller: bytes, heard: bytes) -> None:
+                recorded.append(caller)
+
+            def close(self) -> None:
+                pass
+
+        h.session.pipeline.recorder = Recorder()  # type: ignore[assignment]
+        frames = [bytes([n, 0]) * 160 for n in range(1, 4)]
+        h.leg.incoming.append(frames[0])
+        h.session.tick(1000.0)
+        h.session.tick(1000.02)  # late
+        h.leg.arrive(frames[1], 1000.025)
+        h.leg.incoming.append(frames[2])
+        h.session.tick(1000.04)
+        h.session.tick(1000.06)
+        assert recorded == frames
+
+    async def test_audio_before_the_media_or_after_the_end_is_not_taken(
+        self, tmp_path: Path
+    ) -> None:
+        h = make_harness(tmp_path, answered=False)
+        sent: list[bytes] = []
+        h.session.pipeline.sink = AgentSink(sent.append, 8000)
+        h.leg.arrive(b"\x01\x00" * 160, 1000.0)  # early packets, no media tick yet
+        h.leg.answer()
+        h.leg.incoming.clear()
+        h.leg.incoming.append(b"\x02\x00" * 160)
+        h.session.tick_in(1000.02)
+        h.session.tick_in(1000.04)  # late
+        h.leg.end(LegEnd("hangup", None, None))
+        await h.clock.advance(0.1)
+        h.leg.arrive(b"\x03\x00" * 160, 1000.15)
+        assert sent == [b"\x02\x00" * 160]
+
+    async def test_an_arrival_that_raises_hangs_the_call_up(self, tmp_path: Path) -> None:
+        h = make_harness(tmp_path)
+        h.leg.incoming.append(b"\x01\x00" * 160)
+        h.session.tick_in(1000.0)
+        h.session.tick_in(1000.02)  # late: its arrival will be taken
+
+        def fails(now: float) -> bytes | None:
+            raise RuntimeError("a bug in the caller's half")
+
+        h.leg.pull_frame = fails  # type: ignore[method-assign]
+        h.session.on_caller_audio(1000.025)
+        assert h.leg.hangups == ["worker-error"]
+        assert h.leg.hangup_statuses == [500]
+
+
 class TestATickThatRaises:
     """A half of the tick that raises (a bug) ends its own call, cause ``worker-error``,
     instead of leaving it up without media; every other call goes on ticking."""

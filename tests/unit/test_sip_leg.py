@@ -8,6 +8,7 @@ import asyncio
 from dataclasses import replace
 from pathlib import Path
 
+from media.rtp import RtpPacket
 from tests.sip_pair import UaPair
 from worker.config import RtpSettings
 from worker.legs import (
@@ -56,9 +57,13 @@ class Control:
 class Events:
     def __init__(self) -> None:
         self.got: list[LegEvent] = []
+        self.audio: list[float] = []
 
     def on_leg_event(self, event: LegEvent) -> None:
         self.got.append(event)
+
+    def on_caller_audio(self, now: float) -> None:
+        self.audio.append(now)
 
 
 async def answered_leg(tmp_path: Path) -> tuple[SipLeg, Control, Events, UaPair]:
@@ -72,6 +77,33 @@ async def answered_leg(tmp_path: Path) -> tuple[SipLeg, Control, Events, UaPair]
     leg.apply_media(inbound.media, 0.0)
     leg.progress(CallPhase.ANSWERED, 0.0)
     return leg, control, events, pair
+
+
+class TestCallerAudioArrival:
+    """``LegObserver.on_caller_audio``: the observer is told of each packet of the caller's
+    audio, and with ``rtp.jitter_early`` the frame is there to take at once."""
+
+    async def test_each_packet_is_told_and_its_frame_is_there_at_once(self, tmp_path: Path) -> None:
+        leg, _, events, _ = await answered_leg(tmp_path)
+        leg.rtp_received(RtpPacket(0, 1, 160, 7, b"\xff" * 160), 1.0)
+        assert events.audio == [1.0]
+        assert leg.pull_frame(1.0) == bytes(320)  # µ-law 0xff is silence
+        leg.rtp_received(RtpPacket(0, 2, 320, 7, b"\xff" * 160), 1.02)
+        assert events.audio == [1.0, 1.02]
+        assert leg.pull_frame(1.02) == bytes(320)
+
+    async def test_without_early_release_the_frame_waits_for_the_jitter_buffer(
+        self, tmp_path: Path
+    ) -> None:
+        pair = UaPair.create(tmp_path)
+        _, inbound = pair.call_a_to_b()
+        rtp = RtpSettings(jitter_early=False, jitter_min_ms=4)
+        leg = SipLeg(Control(), inbound, RtpEndpoint(asyncio.get_running_loop()), rtp, 0.0)
+        assert inbound.media is not None
+        leg.apply_media(inbound.media, 0.0)
+        leg.rtp_received(RtpPacket(0, 1, 160, 7, b"\xff" * 160), 1.0)
+        assert leg.pull_frame(1.0) is None
+        assert leg.pull_frame(1.005) == bytes(320)
 
 
 class TestSipLegEvents:

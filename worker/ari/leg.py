@@ -163,6 +163,8 @@ class AriLeg:
 
     def attach(self, observer: LegObserver) -> None:
         self._observer = observer
+        if self.media is not None:
+            self.media.observer = observer
         pending, self._pending = self._pending, []
         for event in pending:
             observer.on_leg_event(event)
@@ -286,6 +288,7 @@ class AriLeg:
         client, settings = self._host.client, self._host.settings
         media = await self._host.open_media()
         self.media = media
+        media.observer = self._observer
         host = self._host.media_host()
         port = media.local[1]
         external = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -18,7 +18,7 @@ from media.l16 import SLIN16
 from media.rtp import RtpPacket
 from media.stream import RtpStream
 from worker.config import RtpSettings
-from worker.legs import SAMPLE_RATE, Address, MediaQuality
+from worker.legs import SAMPLE_RATE, Address, LegObserver, MediaQuality
 from worker.rtp import RtpEndpoint
 
 FORMATS: dict[str, AudioCodec] = {"ulaw": PCMU, "slin16": SLIN16}
@@ -34,7 +34,11 @@ class ExternalMedia:
         self.format = media_format
         self.endpoint = endpoint
         self.stream = RtpStream(
-            codec, None, jitter_min_ms=rtp.jitter_min_ms, jitter_max_ms=rtp.jitter_max_ms
+            codec,
+            None,
+            jitter_min_ms=rtp.jitter_min_ms,
+            jitter_max_ms=rtp.jitter_max_ms,
+            jitter_early=rtp.jitter_early,
         )
         wideband = codec.clock_rate != SAMPLE_RATE
         if wideband and codec.clock_rate != 2 * SAMPLE_RATE:
@@ -42,6 +46,8 @@ class ExternalMedia:
         self._down = Downsample2() if wideband else None
         self._up = Upsample2() if wideband else None
         self.remote: Address | None = None
+        self.observer: LegObserver | None = None
+        """The leg's observer, told of each packet filed (``LegObserver.on_caller_audio``)."""
         endpoint.attach(self)
 
     @property
@@ -57,6 +63,8 @@ class ExternalMedia:
     # -- PacketReceiver (the endpoint) -----------------------------------------------------------
     def rtp_received(self, packet: RtpPacket, now: float) -> None:
         self.stream.receive(packet, now)
+        if self.observer is not None:
+            self.observer.on_caller_audio(now)
 
     def rtcp_received(self, data: bytes, now: float) -> None:
         """chan_rtp sends no RTCP worth reading; counted by the endpoint."""

@@ -291,6 +291,7 @@ class CallSession:
         self._out_ticks = 0
         self._last_out: float | None = None  # tick_out's last tick
         self._caller_flowing = False  # the caller's frame came on the last tick_in
+        self._awaited = False  # tick_in found the caller's frame missing: its arrival takes it
         self._out_align_tick = ALIGN_FIRST_TICK
         self._off: dict[object, int] = {}  # a half's checks in a row found off its moment
         self.tick_moves = 0  # how often a half moved (``session done``)
@@ -369,6 +370,7 @@ class CallSession:
             self.services.pacer.remove(self)
             self.services.pacer.remove(self._out_key)
         self._ticking = False
+        self._awaited = False
 
     def tick_failed(self, exc: BaseException) -> None:
         """A half of the tick raised (a bug): the pacer has dropped that half. The call ends
@@ -400,22 +402,17 @@ class CallSession:
             bridge.send_frame(SILENCE if caller is None else caller)
         # (With a dial bridge the far leg takes the caller's frames one a tick, as they come.)
         if caller is None and self._caller_flowing and bridge is None:
-            # The caller's frame came last tick but is not due this one: the jitter buffer's
-            # delay grew (a lost one would be concealed, not missing). It comes with the next
-            # one; silence here would put an extra 20 ms into the agent's stream (and the
+            # The caller's frame came last tick but is not here this one: it is late, or the
+            # jitter buffer's delay grew (a lost one would be concealed, not missing). Its
+            # arrival takes it (``on_caller_audio``), else the next tick, with the next one;
+            # silence here would put an extra 20 ms into the agent's stream (and the
             # recording) for good, so nothing goes this once.
             self._caller_flowing = False
+            self._awaited = True
         else:
+            self._awaited = False
             self._caller_flowing = caller is not None
-            pipeline.take_caller(caller, now)
-            self._heard.append(caller)
-            if caller is not None and bridge is None:
-                # A frame held back (above, or by a late tick) is due with this one: both go
-                # now, so it does not stay behind as latency for the rest of the call.
-                extra = self.leg.pull_frame(now)
-                if extra is not None:
-                    pipeline.take_caller(extra, now)
-                    self._heard.append(extra)
+            self._take_caller(caller, now, bridge is None)
         if pipeline.events:
             self._pipeline_events()
         if caller is not None and pipeline.ticks >= self._align_tick:
@@ -428,6 +425,40 @@ class CallSession:
                 if sink is not None and sink.echoes:
                     # What the caller hears comes from here: the halves move together.
                     self._align(self._out_key, due, now, confirm=False)
+
+    def on_caller_audio(self, now: float) -> None:
+        """The leg filed the caller's audio (``LegObserver``): if the last ``tick_in`` found
+        the caller's frame missing and it may go now (the jitter buffer's ``early`` release, or
+        it is late), it goes to the agent at once, not 20 ms later at the next tick. Only then:
+        the tick takes the frames that are in time, several calls at once. Raising, it hangs
+        the call up as a raising tick does."""
+        if not self._awaited:
+            return
+        try:
+            caller = self.leg.pull_frame(now)
+            if caller is None:
+                return
+            self._awaited = False
+            self._caller_flowing = True
+            self._take_caller(caller, now, True)
+            if self.pipeline.events:
+                self._pipeline_events()
+        except Exception as exc:
+            self.tick_failed(exc)
+
+    def _take_caller(self, caller: bytes | None, now: float, catch_up: bool) -> None:
+        """The caller's frame (None: none came) to the taps and the agent, and on to the
+        recording; with ``catch_up``, a second one due at the same time goes too."""
+        pipeline = self.pipeline
+        pipeline.take_caller(caller, now)
+        self._heard.append(caller)
+        if caller is not None and catch_up:
+            # A frame held back (the tick before, or by a late tick) is due with this one: both
+            # go now, so it does not stay behind as latency for the rest of the call.
+            extra = self.leg.pull_frame(now)
+            if extra is not None:
+                pipeline.take_caller(extra, now)
+                self._heard.append(extra)
 
     def tick_out(self, now: float) -> None:
         """The half towards the caller: what they hear, sent, then recorded with their frame."""

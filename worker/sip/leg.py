@@ -245,6 +245,7 @@ class SipLeg:
                 media.telephone_event_pt,
                 jitter_min_ms=self._rtp.jitter_min_ms,
                 jitter_max_ms=self._rtp.jitter_max_ms,
+                jitter_early=self._rtp.jitter_early,
             )
             self.rtcp = RtcpSession(
                 self.stream.sender.ssrc,
@@ -285,6 +286,8 @@ class SipLeg:
         digit = stream.receive(packet, now)
         if digit is not None:
             self._dtmf(digit, "rfc4733")
+        elif self._observer is not None:
+            self._observer.on_caller_audio(now)
 
     def rtcp_received(self, data: bytes, now: float) -> None:
         if self.rtcp is not None:
