@@ -191,6 +191,13 @@ class TestFigures:
         assert (loss["packets"], loss["lost"], loss["calls"]) == (2000, 250, 2)
         assert loss["percent"] == 12.5
 
+    def test_a_part_of_a_period_at_the_end_is_not_owed(self) -> None:
+        # 39.611 s: 1,980 whole periods; the tick of a 1,981st may have come after the hangup.
+        # A whole period without a packet is still lost.
+        records = [{"seconds": 39.611, "rtp_out": 1980}, {"seconds": 39.611, "rtp_out": 1979}]
+        loss = analysis.loss_figures([], records)["worker_to_caller"]
+        assert (loss["packets"], loss["lost"]) == (3960, 1)
+
     def test_probe_loss_both_ways(self) -> None:
         probes = [
             {

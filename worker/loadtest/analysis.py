@@ -218,8 +218,10 @@ def loss_figures(
             discarded += int(record.get("rtp_overflow") or 0)
             # Towards the caller: one packet every 20 ms from the answer to the end. A tick
             # the worker skipped (its loop stalled) sends nothing, and the sequence numbers
-            # stay contiguous: only the count against the clock shows it.
-            expected = round(float(record.get("seconds") or 0.0) * 1000 / FRAME_MS)
+            # stay contiguous: only the count against the clock shows it. Whole periods only:
+            # a call of 39.61 s has 1,980 of them, and whether the tick of the 1,981st came
+            # before the hangup depends on where in the 20 ms the call's tick runs.
+            expected = int(float(record.get("seconds") or 0.0) * 1000 / FRAME_MS)
             should_send += expected
             not_sent += max(0, expected - int(record.get("rtp_out") or 0))
         gone = lost + late + discarded
