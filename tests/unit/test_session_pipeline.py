@@ -226,6 +226,50 @@ class TestStandingPlayoutQueue:
             pipeline.next_out()
         assert pipeline.playout.counters.trimmed_ms == 0.0
 
+    @staticmethod
+    def _ticks(pipeline: MediaPipeline, frames_per_tick: list[int]) -> list[float]:
+        """Each tick: that many agent frames arrive, then one goes out; what is left."""
+        left = []
+        for frames in frames_per_tick:
+            if frames:
+                pipeline.agent_audio(bytes(FRAME_BYTES * frames), SAMPLE_RATE)
+            pipeline.next_out()
+            left.append(pipeline.playout.queued_ms)
+        return left
+
+    def test_frames_late_near_the_tick_are_caught_up_by_the_silence_played(self) -> None:
+        """One frame late: silence went out in its place, and from then on the agent's frames
+        come so near the tick that the queue moves between one frame and two. The frame of
+        latency it stands at is trimmed after a second, and no more."""
+        pipeline = MediaPipeline(detect_beep=False)
+        assert self._ticks(pipeline, [1, 0, 2]) == [0.0, 0.0, 20.0]
+        wobble = self._ticks(pipeline, [2, 0] * (pipeline_module.STANDING_TICKS // 2))
+        assert set(wobble[:-1]) == {20.0, 40.0}
+        assert pipeline.playout.counters.trimmed_ms == 20.0
+        after = self._ticks(pipeline, [2, 0] * pipeline_module.STANDING_TICKS)
+        assert set(after) == {0.0, 20.0}
+        assert pipeline.playout.counters.trimmed_ms == 20.0
+
+    def test_a_stall_is_caught_up_by_as_many_frames_as_went_out_silent(self) -> None:
+        pipeline = MediaPipeline(detect_beep=False)
+        assert self._ticks(pipeline, [1, 0, 0, 0, 4]) == [0.0, 0.0, 0.0, 0.0, 60.0]
+        self._ticks(pipeline, [2, 0] * (pipeline_module.STANDING_TICKS // 2))
+        assert pipeline.playout.counters.trimmed_ms == 60.0
+
+    def test_audio_sent_ahead_after_a_late_frame_loses_only_the_silence(self) -> None:
+        pipeline = MediaPipeline(detect_beep=False)
+        self._ticks(pipeline, [1, 0, 100])  # late, then 2 s sent ahead
+        self._ticks(pipeline, [2, 0] * pipeline_module.STANDING_TICKS)
+        assert pipeline.playout.counters.trimmed_ms == 20.0
+
+    def test_the_end_of_the_agents_speech_is_not_owed(self) -> None:
+        """Dry for ``DRY_TICKS`` ticks: the agent stopped; its next speech, moving near the
+        tick, is not trimmed."""
+        pipeline = MediaPipeline(detect_beep=False)
+        self._ticks(pipeline, [10] + [0] * (9 + pipeline_module.DRY_TICKS))
+        self._ticks(pipeline, [2] + [2, 0] * pipeline_module.STANDING_TICKS)
+        assert pipeline.playout.counters.trimmed_ms == 0.0
+
     def test_a_burst_faster_than_real_time_is_never_trimmed(self) -> None:
         pipeline = MediaPipeline(detect_beep=False)
         pipeline.agent_audio(bytes(FRAME_BYTES * 200), SAMPLE_RATE)  # 4 s of TTS at once

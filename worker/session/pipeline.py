@@ -27,7 +27,11 @@ buffer), ``mark``, ``clear``, ``play`` (a prompt, 8 kHz). An agent that streams 
 (a frame every 20 ms) sends at a steady moment of the 20 ms: ``agent_due`` says when, from the
 last arrivals, so the session can send right after it; and when some of its frames came late
 and left frames waiting at every tick since, ``next_out`` trims them after a second
-(``STANDING_TICKS``) so the rest of the call is not heard that much late.
+(``STANDING_TICKS``) so the rest of the call is not heard that much late. How much: the queue
+that stood all that second when it stood still; when its frames came so near the tick that it
+moved by a frame, as much of it as the silence that went out in their place (``_owed_ms``: each
+tick the agent's audio ran dry mid-stream, forgotten after ``DRY_TICKS`` dry ticks in a row, the
+end of its speech), so audio an agent sent ahead of time is never cut.
 """
 
 from __future__ import annotations
@@ -57,6 +61,11 @@ STANDING_TICKS = 50
 """Frames left waiting after every tick for this many ticks in a row (1 s), their number never
 changing by a whole frame, are a standing queue, not a burst or a sender running ahead: they
 are trimmed (``PlayoutBuffer.trim``)."""
+DRY_TICKS = 5
+"""Ticks in a row without agent audio after which the silence played is the end of its speech,
+not frames late: nothing is owed back from it."""
+OWED_MAX_MS = 200.0
+"""The most silence remembered as owed (a frame late, played later than its moment)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +158,8 @@ class MediaPipeline:
     _standing: int = field(init=False, default=0)
     _standing_lo: float = field(init=False, default=0.0)
     _standing_hi: float = field(init=False, default=0.0)
+    _owed_ms: float = field(init=False, default=0.0)
+    _dry: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self.playout = PlayoutBuffer(RATE, 20, self.playout_max_ms)
@@ -270,12 +281,20 @@ class MediaPipeline:
     def next_out(self) -> bytes:
         """Step 3: the frame the caller hears now (streamed audio and prompt, mixed)."""
         playout = self.playout
+        streaming = playout.playing
         stream, reached = playout.next_frame()
         queued = playout.queued_ms
         if queued >= 20.0:
             self._standing_queue(queued)
         else:
             self._standing = 0
+            if playout.playing:
+                self._dry = 0
+            elif streaming or self._dry:
+                # Dry mid-stream: frames late (the silence is owed back), or the end.
+                self._dry += 1
+                owed = self._owed_ms + FRAME_MS
+                self._owed_ms = 0.0 if self._dry >= DRY_TICKS else min(owed, OWED_MAX_MS)
         if reached:
             self.events.append(MarksReached(tuple(mark.name for mark in reached)))
         if not self._prompts:
@@ -299,10 +318,15 @@ class MediaPipeline:
         elif queued > self._standing_hi:
             self._standing_hi = queued
         self._standing += 1
-        if self._standing_hi - self._standing_lo >= 20.0:
+        moving = self._standing_hi - self._standing_lo >= 20.0
+        if moving and not self._owed_ms:
             self._standing = 0  # it moves: a burst, or a sender running ahead
         elif self._standing >= STANDING_TICKS:
-            self.playout.trim(self._standing_lo)  # real-time frames came late once: catch up
+            # Real-time frames came late: catch up (when the queue moved, by the silence
+            # played in their place at most).
+            lo = self._standing_lo
+            self._owed_ms -= self.playout.trim(min(lo, self._owed_ms) if moving else lo)
+            self._owed_ms = max(0.0, self._owed_ms)
             self._standing = 0
 
     def _taps(self, caller: bytes, now: float) -> None:
