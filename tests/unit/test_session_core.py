@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from media.g711 import PCMU
+from media.rtp import RtpPacket, RtpSender
+from media.stream import RtpStream
 from tests.fakes import FakeLeg, make_harness
 from worker.config import RouteSettings
 from worker.events import models as ev
@@ -542,6 +545,47 @@ class TestTheCallersFrameOnArrival:
         h.session.tick_in(1000.06)  # the caller is late again ...
         h.session.tick_in(1000.08)  # ... and then silent: the agent hears silence
         assert sent == [first, second, third, bytes(320)]
+
+    @pytest.mark.parametrize("tick_phase", [0.001, 0.005, 0.013, 0.019])
+    async def test_thirty_ms_packets_reach_the_agent_whole_and_without_silence(
+        self, tmp_path: Path, tick_phase: float
+    ) -> None:
+        """30 ms packets (Asterisk keeps the caller's packetisation) complete 20 ms frames at
+        two moments of three: frames taken at an arrival before their tick leave a tick with
+        nothing to take, which must not count as the caller gone silent."""
+
+        class StreamLeg(FakeLeg):
+            def __init__(self) -> None:
+                super().__init__()
+                self.stream = RtpStream(PCMU, None, jitter_min_ms=4, jitter_early=True)
+                self.sender = RtpSender(0, 7)
+
+            def pull_frame(self, now: float) -> bytes | None:
+                return self.stream.pull_frame(now)
+
+            def packet(self, payload: bytes, now: float) -> None:
+                wire = self.sender.build(payload, len(payload))
+                self.stream.receive(RtpPacket.parse(wire), now)
+                assert self.observer is not None
+                self.observer.on_caller_audio(now)
+
+        leg = StreamLeg()
+        h = make_harness(tmp_path, leg=leg)
+        sent: list[bytes] = []
+        h.session.pipeline.sink = AgentSink(sent.append, 8000)
+        payloads = [
+            np.random.default_rng(n).integers(0, 256, 240, np.uint8).tobytes() for n in range(20)
+        ]
+        events = [(0.03 * n, 0, n) for n in range(20)]
+        events += [(0.02 * k + tick_phase, 1, k) for k in range(30)]
+        for at, kind, n in sorted(events):
+            if kind == 0:
+                leg.packet(payloads[n], 1000.0 + at)
+            else:
+                h.session.tick_in(1000.0 + at)
+        audio = b"".join(sent)
+        assert b"".join(PCMU.decode(p) for p in payloads) == audio.lstrip(b"\x00")[: 20 * 480]
+        assert bytes(320) not in audio[audio.index(audio.lstrip(b"\x00")[:2]) :]
 
     async def test_the_recording_keeps_the_order_of_frames_taken_on_arrival(
         self, tmp_path: Path

@@ -290,8 +290,10 @@ class CallSession:
         self._align_tick = ALIGN_FIRST_TICK
         self._out_ticks = 0
         self._last_out: float | None = None  # tick_out's last tick
-        self._caller_flowing = False  # the caller's frame came on the last tick_in
-        self._awaited = False  # tick_in found the caller's frame missing: its arrival takes it
+        self._caller_silent = True  # no frame of the caller for two ticks: silence goes
+        self._lag = 0
+        """Ticks of ``tick_in`` the caller's frames are behind (a frame late: its arrival takes
+        it), or ahead when below 0 (frames taken on arrival before their tick)."""
         self._out_align_tick = ALIGN_FIRST_TICK
         self._off: dict[object, int] = {}  # a half's checks in a row found off its moment
         self.tick_moves = 0  # how often a half moved (``session done``)
@@ -370,7 +372,6 @@ class CallSession:
             self.services.pacer.remove(self)
             self.services.pacer.remove(self._out_key)
         self._ticking = False
-        self._awaited = False
 
     def tick_failed(self, exc: BaseException) -> None:
         """A half of the tick raised (a bug): the pacer has dropped that half. The call ends
@@ -401,18 +402,24 @@ class CallSession:
                 pipeline.agent_audio(far, SAMPLE_RATE)
             bridge.send_frame(SILENCE if caller is None else caller)
         # (With a dial bridge the far leg takes the caller's frames one a tick, as they come.)
-        if caller is None and self._caller_flowing and bridge is None:
-            # The caller's frame came last tick but is not here this one: it is late, or the
-            # jitter buffer's delay grew (a lost one would be concealed, not missing). Its
-            # arrival takes it (``on_caller_audio``), else the next tick, with the next one;
-            # silence here would put an extra 20 ms into the agent's stream (and the
-            # recording) for good, so nothing goes this once.
-            self._caller_flowing = False
-            self._awaited = True
+        if bridge is not None:
+            self._take_caller(caller, now, extra=False)
         else:
-            self._awaited = False
-            self._caller_flowing = caller is not None
-            self._take_caller(caller, now, bridge is None)
+            lag = self._lag + 1
+            if caller is not None:
+                self._caller_silent = False
+                lag = min(0, lag - self._take_caller(caller, now, extra=True))
+            elif self._caller_silent or lag >= 2:
+                # No frame for two ticks: the caller is not sending; the agent hears silence.
+                self._caller_silent = True
+                self._take_caller(None, now, extra=False)
+                lag = 0
+            # else its frame went ahead of this tick (lag <= 0), or it is late this once, or
+            # the jitter buffer's delay grew (a lost one would be concealed, not missing): its
+            # arrival takes it (``on_caller_audio``), or the next tick with the next one.
+            # Silence here would put an extra 20 ms into the agent's stream (and the
+            # recording) for good, so nothing goes this once.
+            self._lag = lag
         if pipeline.events:
             self._pipeline_events()
         if caller is not None and pipeline.ticks >= self._align_tick:
@@ -432,33 +439,35 @@ class CallSession:
         it is late), it goes to the agent at once, not 20 ms later at the next tick. Only then:
         the tick takes the frames that are in time, several calls at once. Raising, it hangs
         the call up as a raising tick does."""
-        if not self._awaited:
-            return
+        if self._lag < 1 or not self._ticking or self.bridge is not None:
+            return  # (a silent caller's first frame goes with its tick: lag 0)
         try:
             caller = self.leg.pull_frame(now)
             if caller is None:
                 return
-            self._awaited = False
-            self._caller_flowing = True
-            self._take_caller(caller, now, True)
+            self._lag = min(0, self._lag - self._take_caller(caller, now, extra=True))
             if self.pipeline.events:
                 self._pipeline_events()
         except Exception as exc:
             self.tick_failed(exc)
 
-    def _take_caller(self, caller: bytes | None, now: float, catch_up: bool) -> None:
+    def _take_caller(self, caller: bytes | None, now: float, extra: bool) -> int:
         """The caller's frame (None: none came) to the taps and the agent, and on to the
-        recording; with ``catch_up``, a second one due at the same time goes too."""
+        recording; with ``extra``, a second one due at the same time goes too. How many
+        frames of the caller went."""
         pipeline = self.pipeline
         pipeline.take_caller(caller, now)
         self._heard.append(caller)
-        if caller is not None and catch_up:
-            # A frame held back (the tick before, or by a late tick) is due with this one: both
-            # go now, so it does not stay behind as latency for the rest of the call.
-            extra = self.leg.pull_frame(now)
-            if extra is not None:
-                pipeline.take_caller(extra, now)
-                self._heard.append(extra)
+        if caller is None or not extra:
+            return 0 if caller is None else 1
+        # A frame held back (the tick before, or by a late tick) is due with this one: both go
+        # now, so it does not stay behind as latency for the rest of the call.
+        second = self.leg.pull_frame(now)
+        if second is None:
+            return 1
+        pipeline.take_caller(second, now)
+        self._heard.append(second)
+        return 2
 
     def tick_out(self, now: float) -> None:
         """The half towards the caller: what they hear, sent, then recorded with their frame."""
