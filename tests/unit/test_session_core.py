@@ -538,7 +538,7 @@ class TestTheCallersFrameOnArrival:
         assert sent == [first]
         h.leg.arrive(second, 1000.023)
         assert sent == [first, second]  # at its arrival
-        h.leg.arrive(third, 1000.035)  # in time for its tick: it waits for it
+        h.leg.arrive(third, 1000.0385)  # just before its tick: it waits for it
         assert sent == [first, second]
         h.session.tick_in(1000.04)
         assert sent == [first, second, third]
@@ -586,6 +586,33 @@ class TestTheCallersFrameOnArrival:
         audio = b"".join(sent)
         assert b"".join(PCMU.decode(p) for p in payloads) == audio.lstrip(b"\x00")[: 20 * 480]
         assert bytes(320) not in audio[audio.index(audio.lstrip(b"\x00")[:2]) :]
+
+    async def test_frames_arriving_just_after_their_tick_go_at_once(self, tmp_path: Path) -> None:
+        """The call's tick runs 1 ms before its caller's frames arrive: each would wait 19 ms
+        for the next tick. It goes at its arrival instead, and the tick that finds nothing
+        knows its frame went ahead: no silence for the agent, the recording in order."""
+        h = make_harness(tmp_path)
+        sent: list[bytes] = []
+        h.session.pipeline.sink = AgentSink(sent.append, 8000)
+        recorded: list[bytes] = []
+
+        class Recorder:
+            def write_frame(self, caller: bytes, heard: bytes) -> None:
+                recorded.append(caller)
+
+            def close(self) -> None:
+                pass
+
+        h.session.pipeline.recorder = Recorder()  # type: ignore[assignment]
+        frames = [bytes([n, 0]) * 160 for n in range(1, 12)]
+        h.leg.incoming.append(frames[0])
+        h.session.tick(1000.0)
+        for n, frame in enumerate(frames[1:], start=1):
+            h.leg.arrive(frame, 1000.001 + 0.02 * (n - 1))
+            assert sent[-1] == frame  # at its arrival
+            h.session.tick(1000.0 + 0.02 * n)
+        assert sent == frames
+        assert recorded == frames
 
     async def test_the_recording_keeps_the_order_of_frames_taken_on_arrival(
         self, tmp_path: Path

@@ -93,6 +93,9 @@ ALIGN_CONFIRM = 3
 """After its first alignment, a half moves only when it has been off its moment on this many
 checks in a row (3 s): a moment that wavers under load (the loop's own jitter) must not move
 the caller's RTP every second, each move being a step in its timing at the phone."""
+ARRIVAL_WAIT_S = 0.002
+"""A caller frame arriving at most this long before its call's ``tick_in`` waits for it (and
+goes with the other calls of that slot); one arriving earlier goes at once."""
 SKIPPED_GAP_S = 0.07
 """Longer than this between two of a half's ticks, the pacer skipped some (a move stretches
 one interval by less than 40 ms; the pacer skips only past three ticks behind)."""
@@ -291,6 +294,7 @@ class CallSession:
         self._out_ticks = 0
         self._last_out: float | None = None  # tick_out's last tick
         self._caller_silent = True  # no frame of the caller for two ticks: silence goes
+        self._next_in = 0.0  # when tick_in runs next (about)
         self._lag = 0
         """Ticks of ``tick_in`` the caller's frames are behind (a frame late: its arrival takes
         it), or ahead when below 0 (frames taken on arrival before their tick)."""
@@ -405,6 +409,7 @@ class CallSession:
         if bridge is not None:
             self._take_caller(caller, now, extra=False)
         else:
+            self._next_in = now + TICK_S
             lag = self._lag + 1
             if caller is not None:
                 self._caller_silent = False
@@ -434,18 +439,23 @@ class CallSession:
                     self._align(self._out_key, due, now, confirm=False)
 
     def on_caller_audio(self, now: float) -> None:
-        """The leg filed the caller's audio (``LegObserver``): if the last ``tick_in`` found
-        the caller's frame missing and it may go now (the jitter buffer's ``early`` release, or
-        it is late), it goes to the agent at once, not 20 ms later at the next tick. Only then:
-        the tick takes the frames that are in time, several calls at once. Raising, it hangs
-        the call up as a raising tick does."""
-        if self._lag < 1 or not self._ticking or self.bridge is not None:
-            return  # (a silent caller's first frame goes with its tick: lag 0)
+        """The leg filed the caller's audio (``LegObserver``): a frame that may go now (the
+        jitter buffer's ``early`` release, or it is late) goes to the agent at once when the
+        last ``tick_in`` found it missing, or when its tick is more than ``ARRIVAL_WAIT_S``
+        away (a frame ahead of its tick: that tick finds nothing, and knows why). A frame
+        arriving just before its tick goes with it, several calls at once. Not with a ``dial``
+        bridge, nor for a silent caller's first frame. Raising, it hangs the call up as a
+        raising tick does."""
+        lag = self._lag
+        if not self._ticking or self.bridge is not None:
+            return
+        if lag < 1 and (lag < 0 or self._caller_silent or self._next_in - now <= ARRIVAL_WAIT_S):
+            return
         try:
             caller = self.leg.pull_frame(now)
             if caller is None:
                 return
-            self._lag = min(0, self._lag - self._take_caller(caller, now, extra=True))
+            self._lag = min(0, lag - self._take_caller(caller, now, extra=lag >= 1))
             if self.pipeline.events:
                 self._pipeline_events()
         except Exception as exc:
