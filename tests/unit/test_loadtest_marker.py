@@ -5,8 +5,10 @@ callers' RTP capture (read back with the tests' pcap reader) and the worker conf
 
 from __future__ import annotations
 
+import socket
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from media.resample import Resampler
 from media.rtp import RtpPacket
 from tests.pcap import read_pcap
 from worker.config import load_settings
-from worker.loadtest import analysis, sipp
+from worker.loadtest import analysis, run, sipp
 from worker.loadtest.marker import FREQUENCIES, MarkerDetector, marker_id, marker_tone
 from worker.loadtest.rtpstats import ReceiveStats
 from worker.loadtest.run import Options, worker_config
@@ -287,3 +289,25 @@ def test_marker_tone_is_loud_and_short() -> None:
     assert len(tone) == 480
     assert 11000 < np.abs(tone).max() <= 12000
     assert struct.calcsize("<h") * len(tone) == len(marker_tone(0, 8000))
+
+
+class TestFreePort:
+    def test_a_port_tcp_already_has_is_passed_over(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """The kernel's free UDP port can be a TCP connection's local port: SIP needs both."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            busy = int(taken.getsockname()[1])
+            picks = [busy]
+            real = socket.socket
+
+            class Picking(real):  # type: ignore[misc, valid-type]
+                def getsockname(self) -> Any:
+                    if self.type == socket.SOCK_DGRAM and picks:
+                        return ("127.0.0.1", picks.pop())
+                    return super().getsockname()
+
+            monkeypatch.setattr(socket, "socket", Picking)
+            port = run._free_port()
+        assert picks == []
+        assert port != busy

@@ -274,12 +274,19 @@ class Children:
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        udp.bind((host, 0))
-        port = int(udp.getsockname()[1])
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-        tcp.bind((host, port))
-    return port
+    """A port free for both UDP and TCP on ``host`` (SIP takes both): the kernel's pick for
+    UDP, tried for TCP, another pick when TCP has it (a connection's local port)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind((host, 0))
+            port = int(udp.getsockname()[1])
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            try:
+                tcp.bind((host, port))
+            except OSError:
+                continue
+        return port
+    raise ConfigError(f"no port free for both UDP and TCP on {host}")
 
 
 def _rtp_range(span: int) -> int:
