@@ -240,11 +240,11 @@ class TestStandingPlayoutQueue:
     def test_frames_late_near_the_tick_are_caught_up_by_the_silence_played(self) -> None:
         """One frame late: silence went out in its place, and from then on the agent's frames
         come so near the tick that the queue moves between one frame and two. The frame of
-        latency it stands at is trimmed after ``OWED_TICKS``, and no more."""
+        latency it stands at is trimmed after a second, and no more."""
         pipeline = MediaPipeline(detect_beep=False)
         assert self._ticks(pipeline, [1, 0, 2]) == [0.0, 0.0, 20.0]
-        wobble = self._ticks(pipeline, [2, 0] * 2)
-        assert wobble == [40.0, 20.0, 40.0, 0.0]  # stood 5 ticks (with the one above): trimmed
+        wobble = self._ticks(pipeline, [2, 0] * (pipeline_module.STANDING_TICKS // 2))
+        assert set(wobble[:-1]) == {20.0, 40.0}
         assert pipeline.playout.counters.trimmed_ms == 20.0
         after = self._ticks(pipeline, [2, 0] * pipeline_module.STANDING_TICKS)
         assert set(after) == {0.0, 20.0}
@@ -253,9 +253,7 @@ class TestStandingPlayoutQueue:
     def test_a_stall_is_caught_up_by_as_many_frames_as_went_out_silent(self) -> None:
         pipeline = MediaPipeline(detect_beep=False)
         assert self._ticks(pipeline, [1, 0, 0, 0, 4]) == [0.0, 0.0, 0.0, 0.0, 60.0]
-        assert self._ticks(pipeline, [1, 1, 1]) == [60.0, 60.0, 60.0]
-        assert self._ticks(pipeline, [1]) == [0.0]  # stood 5 ticks: the 60 ms owed trimmed
-        self._ticks(pipeline, [2, 0] * pipeline_module.STANDING_TICKS)
+        self._ticks(pipeline, [2, 0] * (pipeline_module.STANDING_TICKS // 2))
         assert pipeline.playout.counters.trimmed_ms == 60.0
 
     def test_audio_sent_ahead_after_a_late_frame_loses_only_the_silence(self) -> None:

@@ -27,11 +27,11 @@ buffer), ``mark``, ``clear``, ``play`` (a prompt, 8 kHz). An agent that streams 
 (a frame every 20 ms) sends at a steady moment of the 20 ms: ``agent_due`` says when, from the
 last arrivals, so the session can send right after it; and when some of its frames came late
 and left frames waiting at every tick since, ``next_out`` trims them after a second
-(``STANDING_TICKS``) so the rest of the call is not heard that much late. When silence went out
-mid-stream in place of late frames (``_owed_ms``: each tick the agent's audio ran dry, forgotten
-after ``DRY_TICKS`` dry ticks in a row, the end of its speech), as much of the queue as that
-silence is trimmed once it has stood ``OWED_TICKS``, even if it moves by a frame (its frames
-come right at the tick): audio an agent sent ahead of time is never cut for it.
+(``STANDING_TICKS``) so the rest of the call is not heard that much late. How much: the queue
+that stood all that second when it stood still; when its frames came so near the tick that it
+moved by a frame, as much of it as the silence that went out in their place (``_owed_ms``: each
+tick the agent's audio ran dry mid-stream, forgotten after ``DRY_TICKS`` dry ticks in a row, the
+end of its speech), so audio an agent sent ahead of time is never cut.
 """
 
 from __future__ import annotations
@@ -61,9 +61,6 @@ STANDING_TICKS = 50
 """Frames left waiting after every tick for this many ticks in a row (1 s), their number never
 changing by a whole frame, are a standing queue, not a burst or a sender running ahead: they
 are trimmed (``PlayoutBuffer.trim``)."""
-OWED_TICKS = 5
-"""Ticks a queue stands after silence went out in place of late frames before that much of it
-is trimmed (100 ms: not a frame that comes with the next one by chance)."""
 DRY_TICKS = 5
 """Ticks in a row without agent audio after which the silence played is the end of its speech,
 not frames late: nothing is owed back from it."""
@@ -313,8 +310,7 @@ class MediaPipeline:
         return mix_saturating(chunk, stream) if self.playout.playing else chunk
 
     def _standing_queue(self, queued: float) -> None:
-        """A frame or more left waiting after this tick: trim the silence owed once it has
-        stood ``OWED_TICKS``, or all of it once it has stood still a second."""
+        """A frame or more left waiting after this tick: trim it once it has stood a second."""
         if self._standing == 0:
             self._standing_lo = self._standing_hi = queued
         elif queued < self._standing_lo:
@@ -322,17 +318,15 @@ class MediaPipeline:
         elif queued > self._standing_hi:
             self._standing_hi = queued
         self._standing += 1
-        owed = self._owed_ms
-        if owed:
-            if self._standing >= OWED_TICKS:
-                # Frames came late, silence went in their place: catch up by that much.
-                trimmed = self.playout.trim(min(self._standing_lo, owed))
-                self._owed_ms = max(0.0, owed - trimmed)
-                self._standing = 0
-        elif self._standing_hi - self._standing_lo >= 20.0:
+        moving = self._standing_hi - self._standing_lo >= 20.0
+        if moving and not self._owed_ms:
             self._standing = 0  # it moves: a burst, or a sender running ahead
         elif self._standing >= STANDING_TICKS:
-            self.playout.trim(self._standing_lo)  # real-time frames came late once: catch up
+            # Real-time frames came late: catch up (when the queue moved, by the silence
+            # played in their place at most).
+            lo = self._standing_lo
+            self._owed_ms -= self.playout.trim(min(lo, self._owed_ms) if moving else lo)
+            self._owed_ms = max(0.0, self._owed_ms)
             self._standing = 0
 
     def _taps(self, caller: bytes, now: float) -> None:
