@@ -270,6 +270,27 @@ class TestStandingPlayoutQueue:
         self._ticks(pipeline, [2] + [2, 0] * pipeline_module.STANDING_TICKS)
         assert pipeline.playout.counters.trimmed_ms == 0.0
 
+    @pytest.mark.parametrize("timed", [True, False])
+    def test_a_queue_a_frame_apart_behind_a_real_time_agent_is_trimmed(self, timed: bool) -> None:
+        """The agent stalled past ``DRY_TICKS`` (nothing owed), then sent what it held and
+        streams in real time again, its frames right at the tick: the queue moves between
+        three frames and four for good. Trimmed after a second when the arrivals show a
+        real-time agent; without their times (nothing to tell it from audio sent ahead), not."""
+        pipeline = MediaPipeline(detect_beep=False)
+        self._ticks(pipeline, [1] + [0] * (pipeline_module.DRY_TICKS + 5))
+        left = []
+        for tick in range(pipeline_module.STANDING_TICKS + 30):
+            now = 100.0 + 0.02 * tick
+            # Two frames every other tick: one came 0.5 ms after the tick before, one 0.5 ms
+            # before this one.
+            arrivals = [now] * 4 if tick == 0 else [now - 0.0195, now - 0.0005] if tick % 2 else []
+            for at in arrivals:
+                pipeline.agent_audio(bytes(FRAME_BYTES), SAMPLE_RATE, at if timed else None)
+            pipeline.next_out()
+            left.append(pipeline.playout.queued_ms)
+        assert set(left[:20]) == {60.0, 80.0}
+        assert pipeline.playout.counters.trimmed_ms == (60.0 if timed else 0.0)
+
     def test_a_burst_faster_than_real_time_is_never_trimmed(self) -> None:
         pipeline = MediaPipeline(detect_beep=False)
         pipeline.agent_audio(bytes(FRAME_BYTES * 200), SAMPLE_RATE)  # 4 s of TTS at once

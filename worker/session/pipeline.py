@@ -60,7 +60,8 @@ ARRIVAL_SPREAD_S = 0.008
 STANDING_TICKS = 50
 """Frames left waiting after every tick for this many ticks in a row (1 s), their number never
 changing by a whole frame, are a standing queue, not a burst or a sender running ahead: they
-are trimmed (``PlayoutBuffer.trim``)."""
+are trimmed (``PlayoutBuffer.trim``); moving by exactly a frame (its frames come right at the
+tick), when the agent streams in real time (``_real_time``)."""
 DRY_TICKS = 5
 """Ticks in a row without agent audio after which the silence played is the end of its speech,
 not frames late: nothing is owed back from it."""
@@ -318,16 +319,30 @@ class MediaPipeline:
         elif queued > self._standing_hi:
             self._standing_hi = queued
         self._standing += 1
-        moving = self._standing_hi - self._standing_lo >= 20.0
-        if moving and not self._owed_ms:
+        spread = self._standing_hi - self._standing_lo
+        owed = self._owed_ms
+        if spread > 20.0 and not owed:
             self._standing = 0  # it moves: a burst, or a sender running ahead
         elif self._standing >= STANDING_TICKS:
-            # Real-time frames came late: catch up (when the queue moved, by the silence
-            # played in their place at most).
+            # Real-time frames came late: catch up. When the queue moved, by the silence
+            # played in their place at most; when it moved by one frame and nothing is owed
+            # (a stall longer than DRY_TICKS), all of it if the agent streams in real time.
             lo = self._standing_lo
-            self._owed_ms -= self.playout.trim(min(lo, self._owed_ms) if moving else lo)
-            self._owed_ms = max(0.0, self._owed_ms)
+            if spread < 20.0 or (not owed and self._real_time()):
+                self._owed_ms = max(0.0, owed - self.playout.trim(lo))
+            elif owed:
+                self._owed_ms = max(0.0, owed - self.playout.trim(min(lo, owed)))
             self._standing = 0
+
+    def _real_time(self) -> bool:
+        """The agent's last ``ARRIVALS`` messages came one a frame, at a steady moment of the
+        20 ms (``agent_due``), over as long as they last: it streams in real time, its queue
+        is not audio it sent ahead."""
+        arrivals = self._arrivals
+        if len(arrivals) < ARRIVALS:
+            return False
+        span = arrivals[-1] - arrivals[0]
+        return span >= (ARRIVALS - 1) * TICK_S * 0.9 and self.agent_due(arrivals[-1]) is not None
 
     def _taps(self, caller: bytes, now: float) -> None:
         vad = self._vad
