@@ -9,16 +9,17 @@ the stream (G.711 decode, jitter buffer); then what ``CallSession.tick_in`` and 
 run: the leg's ``pull_frame``, ``MediaPipeline.take_caller`` (taps, 8 → 16 kHz to the agent
 sink), ``next_out``, the RTP packet built for the caller (G.711 encode, RTCP's send side),
 ``MediaPipeline.after_send`` (the stereo MP3 recorder); and the agent's 16 kHz echo of that
-frame back into the pipeline (16 → 8 kHz, playout buffer, its arrival time noted). Sockets,
-the event loop and the WebSocket framing are not in it: ``make loadtest`` measures the whole
-worker from outside.
+frame back into the pipeline (16 → 8 kHz, playout buffer, its arrival time noted). The jitter
+buffer has the worker's settings (``RtpSettings``; ``--jitter-early off`` for the other mode).
+Sockets, the event loop and the WebSocket framing are not in it: ``make loadtest`` measures the
+whole worker from outside.
 
 Instructions: ``--instructions`` runs this script twice under ``valgrind --tool=callgrind``, with
 ``--ticks`` and with twice as many, and divides the difference by calls × ticks: start-up and
 imports cancel out, and the figure does not depend on what else the machine is doing.
 
 Run: ``.venv/bin/python scripts/bench_tick.py [--calls 20] [--ticks 500] [--direction inbound]
-[--instructions] [--json PATH]``.
+[--jitter-early on|off] [--instructions] [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from media.recorder import StereoMp3Recorder  # noqa: E402
 from media.rtcp import RtcpSession  # noqa: E402
 from media.rtp import RtpCounters, RtpSender, parse_or_count  # noqa: E402
 from media.stream import FRAME_SAMPLES, RtpStream  # noqa: E402
-from worker.config import RouteSettings  # noqa: E402
+from worker.config import RouteSettings, RtpSettings  # noqa: E402
 from worker.session.pipeline import AgentSink, MediaPipeline  # noqa: E402
 from worker.session.session import detects_voicemail  # noqa: E402
 
@@ -57,10 +58,17 @@ AGENT_RATE = 16000
 class _Call:
     """One call's media objects, wired as the session wires them."""
 
-    def __init__(self, index: int, workdir: Path, direction: str) -> None:
+    def __init__(self, index: int, workdir: Path, direction: str, rtp: RtpSettings) -> None:
         route = RouteSettings(match="bench", action="agent", agent_url="ws://127.0.0.1:1/")
         self.sent: list[bytes] = []
-        self.stream = RtpStream(PCMU, 101, jitter_min_ms=20, ssrc=0x5000 + index)
+        self.stream = RtpStream(
+            PCMU,
+            101,
+            jitter_min_ms=rtp.jitter_min_ms,
+            jitter_max_ms=rtp.jitter_max_ms,
+            jitter_early=rtp.jitter_early,
+            ssrc=0x5000 + index,
+        )
         self.rtcp = RtcpSession(self.stream.sender.ssrc, f"bench{index}")
         self.counters = RtpCounters()
         self.pipeline = MediaPipeline(
@@ -98,7 +106,9 @@ class _Call:
         self.pipeline.close()
 
 
-def run(calls: int, ticks: int, direction: str, workdir: Path) -> dict[str, Any]:
+def run(
+    calls: int, ticks: int, direction: str, workdir: Path, jitter_early: bool = True
+) -> dict[str, Any]:
     seconds = ticks * TICK
     caller_pcm = speechlike(seconds, 8000, 1)
     frame_bytes = FRAME_SAMPLES * 2
@@ -114,7 +124,8 @@ def run(calls: int, ticks: int, direction: str, workdir: Path) -> dict[str, Any]
                 for i in range(ticks)
             ]
         )
-    legs = [_Call(c, workdir, direction) for c in range(calls)]
+    rtp = RtpSettings(jitter_early=jitter_early)
+    legs = [_Call(c, workdir, direction, rtp) for c in range(calls)]
     started = time.perf_counter()
     for i in range(ticks):
         now = 100.0 + i * TICK
@@ -128,12 +139,13 @@ def run(calls: int, ticks: int, direction: str, workdir: Path) -> dict[str, Any]
         "calls": calls,
         "ticks": ticks,
         "direction": direction,
+        "jitter_early": jitter_early,
         "us_per_call_per_20ms": round(per_tick_us, 2),
         "percent_of_a_core_per_call": round(per_tick_us / 20_000 * 100, 3),
     }
 
 
-def _callgrind(calls: int, ticks: int, direction: str) -> int:
+def _callgrind(calls: int, ticks: int, direction: str, jitter_early: bool) -> int:
     """Instructions of a whole run of this script under callgrind."""
     with tempfile.TemporaryDirectory(prefix="bench-tick-cg-") as tmp:
         out = Path(tmp) / "callgrind.out"
@@ -149,6 +161,8 @@ def _callgrind(calls: int, ticks: int, direction: str) -> int:
             str(ticks),
             "--direction",
             direction,
+            "--jitter-early",
+            "on" if jitter_early else "off",
         ]
         env = dict(os.environ, PYTHONHASHSEED="0")
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -171,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         help="the calls' direction (voicemail detection follows the route's default for it)",
     )
     parser.add_argument(
+        "--jitter-early",
+        choices=("on", "off"),
+        default="on",
+        help="rtp.jitter_early for the calls' streams (default on, the worker's default)",
+    )
+    parser.add_argument(
         "--instructions",
         action="store_true",
         help="count instructions per call per tick with callgrind (two runs; slow)",
@@ -183,19 +203,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.instructions:
         if not args.json:
             print(f"callgrind: {args.calls} calls, {args.ticks} and {2 * args.ticks} ticks ...")
-        base = _callgrind(args.calls, args.ticks, args.direction)
-        double = _callgrind(args.calls, 2 * args.ticks, args.direction)
+        early = args.jitter_early == "on"
+        base = _callgrind(args.calls, args.ticks, args.direction, early)
+        double = _callgrind(args.calls, 2 * args.ticks, args.direction, early)
         per = (double - base) / (args.calls * args.ticks)
         result: dict[str, Any] = {
             "calls": args.calls,
             "ticks": args.ticks,
             "direction": args.direction,
+            "jitter_early": early,
             "instructions_per_call_per_20ms": round(per),
         }
         print(f"instructions per call per 20 ms ({args.direction}): {per:,.0f}")
     else:
         with tempfile.TemporaryDirectory(prefix="bench-tick-") as tmp:
-            result = run(args.calls, args.ticks, args.direction, Path(tmp))
+            result = run(
+                args.calls, args.ticks, args.direction, Path(tmp), args.jitter_early == "on"
+            )
         print(
             f"one call's tick ({args.direction}, {args.calls} calls, {args.ticks} ticks): "
             f"{result['us_per_call_per_20ms']:.1f} µs per 20 ms = "
