@@ -396,21 +396,11 @@ class JitterBuffer:
         cap = self._conceal_cap
         nominal = self._nominal
         seen = self._seen
-        if self._early:
-            # What has arrived in order goes now, before its due time.
-            slot = packets.get(next_seq)
-            while slot is not None and slot[0] == next_ts:
-                del packets[next_seq]
-                next_seq += 1
-                seen = ((seen << 1) | 1) & _SEEN_MASK
-                samples = slot[3] or self._delta_to(next_seq, next_ts, nominal)
-                out.append(JitterFrame(slot[1], next_ts, slot[2], samples, slot[4]))
-                self._last_out = next_ts
-                next_ts += samples
-                run = 0
-                nominal = samples if samples > self._min_chunk else self._min_chunk
-                slot = packets.get(next_seq)
-        while next_ts <= play_pos:
+        early = self._early
+        while next_ts <= play_pos or (
+            # Early: what has arrived in order goes now, before its due time.
+            early and (ahead := packets.get(next_seq)) is not None and ahead[0] == next_ts
+        ):
             slot = packets.get(next_seq)
             if slot is not None:
                 ts = slot[0]
