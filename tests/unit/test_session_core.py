@@ -38,6 +38,7 @@ from worker.session.session import (
     OUT_MARGIN_S,
     REALIGN_TICKS,
     AgentCounters,
+    CallSession,
     MarkEvent,
     tick_failed,
 )
@@ -309,6 +310,27 @@ class TestTwilioDriverEvents:
         await driver.close()
 
 
+class _Recorder(list[tuple[bytes, bytes]]):
+    """Stands in for the MP3 recorder: keeps each (caller, heard) pair it is given, in order."""
+
+    def write_frame(self, caller: bytes, heard: bytes) -> None:
+        self.append((caller, heard))
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def callers(self) -> list[bytes]:
+        return [caller for caller, _ in self]
+
+
+def recording(session: CallSession) -> _Recorder:
+    """Put a ``_Recorder`` in ``session``'s pipeline and return it."""
+    recorder = _Recorder()
+    session.pipeline.recorder = recorder  # type: ignore[assignment]
+    return recorder
+
+
 class _Pacer:
     """Records what a session asks of the media pacer."""
 
@@ -416,16 +438,7 @@ class TestTickHalves:
 
     async def test_recorder_pairs_the_halves_frames_in_order(self, tmp_path: Path) -> None:
         h = make_harness(tmp_path)
-        recorded: list[tuple[bytes, bytes]] = []
-
-        class Recorder:
-            def write_frame(self, caller: bytes, heard: bytes) -> None:
-                recorded.append((caller, heard))
-
-            def close(self) -> None:
-                pass
-
-        h.session.pipeline.recorder = Recorder()  # type: ignore[assignment]
+        recorded = recording(h.session)
         first, second = b"\x01\x00" * 160, b"\x02\x00" * 160
         h.leg.incoming.extend([first, second])
         h.session.tick_in(1000.0)
@@ -484,16 +497,7 @@ class TestTickHalves:
         h = make_harness(tmp_path, leg=leg)
         sent: list[bytes] = []
         h.session.pipeline.sink = AgentSink(sent.append, 8000)
-        recorded: list[bytes] = []
-
-        class Recorder:
-            def write_frame(self, caller: bytes, heard: bytes) -> None:
-                recorded.append(caller)
-
-            def close(self) -> None:
-                pass
-
-        h.session.pipeline.recorder = Recorder()  # type: ignore[assignment]
+        recorded = recording(h.session)
         frames = [bytes([n, 0]) * 160 for n in range(1, 4)]
         leg.incoming.append(frames[0])
         h.session.tick(1000.0)
@@ -502,7 +506,7 @@ class TestTickHalves:
         h.session.tick(1000.04)  # both due now
         assert sent == frames
         h.session.tick(1000.06)
-        assert recorded == frames
+        assert recorded.callers == frames
 
     async def test_ticks_the_pacer_skipped_drop_their_playout(self, tmp_path: Path) -> None:
         """A stalled loop: the pacer skipped five of tick_out's ticks. The agent audio they
@@ -594,16 +598,7 @@ class TestTheCallersFrameOnArrival:
         h = make_harness(tmp_path)
         sent: list[bytes] = []
         h.session.pipeline.sink = AgentSink(sent.append, 8000)
-        recorded: list[bytes] = []
-
-        class Recorder:
-            def write_frame(self, caller: bytes, heard: bytes) -> None:
-                recorded.append(caller)
-
-            def close(self) -> None:
-                pass
-
-        h.session.pipeline.recorder = Recorder()  # type: ignore[assignment]
+        recorded = recording(h.session)
         frames = [bytes([n, 0]) * 160 for n in range(1, 12)]
         h.leg.incoming.append(frames[0])
         h.session.tick(1000.0)
@@ -612,22 +607,13 @@ class TestTheCallersFrameOnArrival:
             assert sent[-1] == frame  # at its arrival
             h.session.tick(1000.0 + 0.02 * n)
         assert sent == frames
-        assert recorded == frames
+        assert recorded.callers == frames
 
     async def test_the_recording_keeps_the_order_of_frames_taken_on_arrival(
         self, tmp_path: Path
     ) -> None:
         h = make_harness(tmp_path)
-        recorded: list[bytes] = []
-
-        class Recorder:
-            def write_frame(self, caller: bytes, heard: bytes) -> None:
-                recorded.append(caller)
-
-            def close(self) -> None:
-                pass
-
-        h.session.pipeline.recorder = Recorder()  # type: ignore[assignment]
+        recorded = recording(h.session)
         frames = [bytes([n, 0]) * 160 for n in range(1, 4)]
         h.leg.incoming.append(frames[0])
         h.session.tick(1000.0)
@@ -636,7 +622,7 @@ class TestTheCallersFrameOnArrival:
         h.leg.incoming.append(frames[2])
         h.session.tick(1000.04)
         h.session.tick(1000.06)
-        assert recorded == frames
+        assert recorded.callers == frames
 
     async def test_audio_before_the_media_or_after_the_end_is_not_taken(
         self, tmp_path: Path
