@@ -164,13 +164,15 @@ def main() -> int:
         f" ({total / budget_us:.0%} of the target's {budget_us:.0f} µs)"
     )
     if args.json:
+        floor_us = round(total, 3)
         result = {
             "operations": args.operations,
             "python": sys.version.split()[0],
             "machine": platform.machine(),
             **{k: round(v, 3) for k, v in parts.items()},
-            "floor_us": round(total, 3),
-            "floor_percent_of_core": round(total / (FRAME_MS * 10), 4),
+            "floor_us": floor_us,
+            # From the figure written beside it, so the two agree to the last digit.
+            "floor_percent_of_core": round(floor_us / (FRAME_MS * 10), 4),
             "target_us": budget_us,
         }
         args.json.write_text(json.dumps(result, indent=2) + "\n")
