@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -28,19 +29,23 @@ def _bindable(host: str, port: int) -> bool:
     return True
 
 
-def free_port(kind: int = socket.SOCK_DGRAM, host: str = "127.0.0.1", *, span: int = 2) -> int:
+FREE_PORTS = range(10000, 14800)
+"""Where ``free_port`` looks: below the kernel's ephemeral range (32768-60999 here, which any
+``bind(0)`` or outgoing connection may take at any moment), below the RTP ranges the worker and
+the load test use (20000 and up), and with room for a test's 200-port RTP range below the fixed
+ports of the ARI double's SIPp (15180)."""
+
+
+def free_port(host: str = "127.0.0.1", *, span: int = 2) -> int:
     """An even port that is free for both UDP and TCP right now, with the ``span - 1`` ports
     above it free too (2: RTP and RTCP; 4: SIPp's ``-rtp_echo``, which also takes port + 2).
 
-    Only "right now": nothing holds it until the caller binds it, so another process can take it
-    in between. It comes from the kernel's ephemeral range, which makes that unlikely, not
-    impossible; a run that loses the race fails to bind, loudly, rather than misbehaving."""
+    Only "right now": nothing holds it until the caller binds it. It is drawn at random from
+    ``FREE_PORTS``, where the kernel never hands out ports on its own, so only another explicit
+    bind could take it in between (a port from the ephemeral range was once taken by another
+    socket first: "Address already in use" in CI)."""
     for _ in range(200):
-        with socket.socket(socket.AF_INET, kind) as s:
-            s.bind((host, 0))
-            port = int(s.getsockname()[1])
-        if port % 2 or port + span > 65000:
-            continue
+        port = random.randrange(FREE_PORTS.start, FREE_PORTS.stop - span, 2)
         if all(_bindable(host, p) for p in range(port, port + span)):
             return port
     raise RuntimeError("no free port found")
@@ -128,7 +133,7 @@ class Sipp:
             "-i", "127.0.0.1",
             "-mi", "127.0.0.1",
             "-ci", "127.0.0.1",
-            "-cp", str(free_port(socket.SOCK_DGRAM)),
+            "-cp", str(free_port()),
             "-bind_local",
             "-nostdin",
             "-p", str(self.port),
