@@ -29,11 +29,12 @@ def _bindable(host: str, port: int) -> bool:
     return True
 
 
-FREE_PORTS = range(10000, 14800)
-"""Where ``free_port`` looks: below the kernel's ephemeral range (32768-60999 here, which any
-``bind(0)`` or outgoing connection may take at any moment), below the RTP ranges the worker and
-the load test use (20000 and up), and with room for a test's 200-port RTP range below the fixed
-ports of the ARI double's SIPp (15180)."""
+FREE_PORTS = range(61000, 64800)
+"""Where ``free_port`` looks: above the kernel's ephemeral range (32768-60999 here, which any
+``bind(0)`` or outgoing connection may take at any moment), so the kernel never hands these
+ports out on its own; clear of the worker's and the load test's RTP ranges (20000-32000) and of
+Asterisk's default one (10000-19999, which the worker refuses to overlap), with room for a
+test's 200-port RTP range below 65000."""
 
 
 def free_port(host: str = "127.0.0.1", *, span: int = 2) -> int:
