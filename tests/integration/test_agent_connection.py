@@ -16,6 +16,7 @@ import pytest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
@@ -1002,6 +1003,70 @@ class TestListenAppMessages:
             await conn.close()
         assert closed == ListenClosed(4000, "done listening")
         assert [e for e in events.seen if isinstance(e, ListenClosed)] == [closed]
+
+    async def test_frames_read_before_the_reader_runs_stay_ahead_of_later_ones(
+        self, audio_server: AgentServer
+    ) -> None:
+        """Frames read before the reader hands messages over wait in recv's queue; the reader
+        drains them before any later frame (handed over as it is read) can pass them."""
+        events: Events[ListenConnectionEvent] = Events()
+        conn = _listen(audio_server, events, la.ListenAudioProtocol(streaming=True))
+        frames = _pcm(30)
+        try:
+            await conn.connect()
+            ws = conn._ws
+            assert ws is not None
+            # Read from the socket before the reader task has run (as when the agent sends
+            # right after the handshake): the bytes of the first frames, as the agent sends them
+            # (fewer than recv's queue holds before it stops reading the socket).
+            for frame in frames[:10]:
+                ws.data_received(Frame(Opcode.BINARY, frame).serialize(mask=False))
+            peer = await audio_server.next_peer()
+            assert await peer.recv() == METADATA
+            for frame in frames[10:]:
+                await peer.conn.send(frame)
+            received = [await events.next() for _ in frames]
+        finally:
+            await conn.close()
+        assert received == [la.AudioReceived(frame) for frame in frames]
+
+    async def test_fragmented_messages_are_put_together(self, audio_server: AgentServer) -> None:
+        """RFC 6455 §5.4: a message in several frames reaches the protocol whole."""
+        events: Events[ListenConnectionEvent] = Events()
+        conn = _listen(audio_server, events, la.ListenAudioProtocol(streaming=True))
+        try:
+            await conn.connect()
+            peer = await audio_server.next_peer()
+            await peer.recv()  # the metadata: the reader is running
+            await peer.conn.send([b"\x10\x00", b"\x20\x00", b"\x30\x00"])
+            await peer.conn.send(['{"type": "mark", ', '"data": {"name": "m1"}}'])
+            await peer.conn.send(b"\x40\x00")
+            received = [await events.next() for _ in range(3)]
+        finally:
+            await conn.close()
+        assert received == [
+            la.AudioReceived(b"\x10\x00\x20\x00\x30\x00"),
+            la.Mark("m1"),
+            la.AudioReceived(b"\x40\x00"),
+        ]
+
+    async def test_text_that_is_not_utf8_closes_with_1007(self, audio_server: AgentServer) -> None:
+        """RFC 6455 §8.1: invalid UTF-8 in a text message fails the connection (1007)."""
+        events: Events[ListenConnectionEvent] = Events()
+        conn = _listen(audio_server, events)
+        try:
+            await conn.connect()
+            peer = await audio_server.next_peer()
+            await peer.recv()
+            peer.conn.protocol.send_text(b'{"type": "mark\xff"}')
+            peer.conn.send_data()
+            closed = await events.next_of(ListenClosed)
+            code = await peer.close_code()
+        finally:
+            await conn.close()
+        assert code[0] == 1007
+        assert closed.code == 1007
+        assert not [e for e in events.seen if isinstance(e, la.Mark)]
 
     async def test_an_on_event_failure_does_not_stop_the_connection(
         self, audio_server: AgentServer

@@ -77,6 +77,7 @@ from worker.agent.jambonz import (
 from worker.agent.jambonz import (
     InvalidMessage as InvalidAppMessage,
 )
+from worker.agent.lanesocket import LaneSocket
 from worker.agent.listen_audio import ListenAudioProtocol, ListenEvent
 from worker.agent.twilio import TwilioEvent, TwilioStream
 from worker.agent.verbs import Hook
@@ -284,7 +285,7 @@ async def _open_websocket(
     close_timeout: float,
     max_size: int,
     write_limit: int,
-) -> ClientConnection:
+) -> LaneSocket:
     """Open one client connection, turning every failure into :class:`AgentConnectError`."""
     shown = redact_url(url)
     try:
@@ -302,6 +303,7 @@ async def _open_websocket(
             write_limit=write_limit,
             compression=None,
             proxy=None,
+            create_connection=LaneSocket,
         )
     except InvalidStatus as exc:
         status = exc.response.status_code
@@ -333,6 +335,7 @@ async def _open_websocket(
             "subprotocol",
             f"the server did not select subprotocol {subprotocol!r} (it selected {chosen})",
         )
+    assert isinstance(ws, LaneSocket)
     return ws
 
 
@@ -474,7 +477,7 @@ class _AudioLaneConnection(Generic[_E]):
         self._audio = AudioQueue(max_queue_ms, bytes_per_ms)
         self._wake = asyncio.Event()
         self._parked = False  # the writer task waits for work: nothing of ours is in flight
-        self._ws: ClientConnection | None = None
+        self._ws: LaneSocket | None = None
         self._reader: asyncio.Task[None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._ended = False  # closing, or the socket is gone: lanes accept nothing more
@@ -618,10 +621,9 @@ class _AudioLaneConnection(Generic[_E]):
         ):
             message = self._encode_audio(frame, self._audio.bypass(frame))
             if isinstance(message, bytes):
-                ws.protocol.send_binary(message)
+                ws.write_message(message, text=False)
             else:
-                ws.protocol.send_text(message.encode())
-            ws.send_data()
+                ws.write_message(message.encode(), text=True)
             self.sent_frames += 1
             return
         self._audio.push(frame)
@@ -629,12 +631,20 @@ class _AudioLaneConnection(Generic[_E]):
 
     # ------------------------------------------------------------------ receiving
 
-    async def _read_loop(self, ws: ClientConnection) -> None:
+    async def _read_loop(self, ws: LaneSocket) -> None:
         loop = asyncio.get_running_loop()
+
+        def on_message(message: str | bytes) -> None:
+            for event in self._receive(message, loop.time()):
+                self._deliver(event)
+
         try:
+            # From now on each message is handed over as it is read (worker/agent/lanesocket.py);
+            # those read before wait in recv's queue, and this loop drains them first, in order:
+            # nothing is read until it waits.
+            ws.on_message = on_message
             async for message in ws:
-                for event in self._receive(message, loop.time()):
-                    self._deliver(event)
+                on_message(message)
         except ConnectionClosed:
             pass
         self._socket_closed = True
