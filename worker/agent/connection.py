@@ -28,8 +28,9 @@ Rules:
    other call of the tick) and its await. ``send_text`` (DTMF, marks, ``playDone``) jumps
    ahead of queued audio. An open audio lane is
    read at scrape time by ``metrics`` (``worker.metrics``: queued audio, drops), when given.
-5. Unsolicited events go to ``on_event`` in arrival order; an exception in it is logged and
-   never stops the connection. Closing is idempotent, leaves no task behind and takes at most
+5. Unsolicited events go to ``on_event`` in arrival order; on the audio lanes, from the
+   event-loop callback that read them (``LaneSocket``, ``worker/agent/lanesocket.py``), not from
+   a task woken per frame. An exception in ``on_event`` is logged and never stops the connection. Closing is idempotent, leaves no task behind and takes at most
    about three ``close_timeout`` (drain, closing handshake, reader) even against a stalled peer.
 """
 
