@@ -30,8 +30,9 @@ Rules:
    read at scrape time by ``metrics`` (``worker.metrics``: queued audio, drops), when given.
 5. Unsolicited events go to ``on_event`` in arrival order; on the audio lanes, from the
    event-loop callback that read them (``LaneSocket``, ``worker/agent/lanesocket.py``), not from
-   a task woken per frame. An exception in ``on_event`` is logged and never stops the connection. Closing is idempotent, leaves no task behind and takes at most
-   about three ``close_timeout`` (drain, closing handshake, reader) even against a stalled peer.
+   a task woken per frame. An exception in ``on_event`` is logged and never stops the
+   connection. Closing is idempotent, leaves no task behind and takes at most about three
+   ``close_timeout`` (drain, closing handshake, reader) even against a stalled peer.
 """
 
 from __future__ import annotations
