@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from typing import Any, Generic, TypeVar
 
 import pytest
+from websockets.asyncio.messages import MAX_FRAGMENTS
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -1050,6 +1051,26 @@ class TestListenAppMessages:
             la.AudioReceived(b"\x40\x00"),
         ]
 
+    async def test_a_message_in_too_many_fragments_closes_with_1009(
+        self, audio_server: AgentServer
+    ) -> None:
+        """As websockets' recv does: more than MAX_FRAGMENTS pieces fail the connection (1009),
+        whatever their total size (a million one-byte fragments cost far more than a MB)."""
+        events: Events[ListenConnectionEvent] = Events()
+        conn = _listen(audio_server, events, la.ListenAudioProtocol(streaming=True))
+        try:
+            await conn.connect()
+            peer = await audio_server.next_peer()
+            await peer.recv()
+            await peer.conn.send([b"\x00\x00"] * (MAX_FRAGMENTS + 10))
+            closed = await events.next_of(ListenClosed)
+            code = await peer.close_code()
+        finally:
+            await conn.close()
+        assert code[0] == 1009
+        assert closed.code == 1009
+        assert not [e for e in events.seen if isinstance(e, la.AudioReceived)]
+
     async def test_text_that_is_not_utf8_closes_with_1007(self, audio_server: AgentServer) -> None:
         """RFC 6455 §8.1: invalid UTF-8 in a text message fails the connection (1007)."""
         events: Events[ListenConnectionEvent] = Events()
@@ -1058,7 +1079,9 @@ class TestListenAppMessages:
             await conn.connect()
             peer = await audio_server.next_peer()
             await peer.recv()
+            # A bad message, and a good one read with it: nothing after the failure is handed over.
             peer.conn.protocol.send_text(b'{"type": "mark\xff"}')
+            peer.conn.protocol.send_text(b'{"type": "mark", "data": {"name": "m1"}}')
             peer.conn.send_data()
             closed = await events.next_of(ListenClosed)
             code = await peer.close_code()

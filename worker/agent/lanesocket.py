@@ -5,11 +5,13 @@ the library's own.
 1. **Messages handed over where they are read.** Once ``on_message`` is set, each complete
    message is given to it from the connection's own frame processing (``process_event``, the
    hook ``websockets`` leaves to subclasses), in the event-loop callback that read it: no task
-   wakes up per frame. Fragmented messages are put together here (the library's protocol has
-   already bounded their size by ``max_size``). A text message that is not UTF-8 fails the
-   connection with 1007, as the library's ``recv`` does. Messages that arrived before
-   ``on_message`` was set wait for ``recv`` as usual: the reader drains them, in order, in the
-   same step that sets it (nothing can be read between the two).
+   wakes up per frame. Fragmented messages are put together here: the library's protocol has
+   already bounded their size by ``max_size``, and more than the library's ``MAX_FRAGMENTS``
+   pieces fail the connection with 1009, as its ``recv`` does (a message of a million one-byte
+   fragments would otherwise cost far more memory than its size). A text message that is not
+   UTF-8 fails the connection with 1007, as the library's ``recv`` does. Messages that
+   arrived before ``on_message`` was set wait for ``recv`` as usual: the reader drains them, in
+   order, in the same step that sets it (nothing can be read between the two).
 2. **One frame written at once.** :meth:`LaneSocket.write_message` serializes an unfragmented
    message as ``Frame.serialize`` does for a client (RFC 6455 §5.2; no extension is ever
    negotiated on these sockets), with its masking key (§5.3) taken from a pool of
@@ -25,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection
+from websockets.asyncio.messages import MAX_FRAGMENTS
 from websockets.frames import Frame, Opcode
 
 try:
@@ -37,6 +40,7 @@ __all__ = ["MASK_POOL", "LaneSocket"]
 MASK_POOL = 4096
 """Bytes of ``os.urandom`` drawn at a time for masking keys: 1,024 frames' worth."""
 INVALID_DATA = 1007
+MESSAGE_TOO_BIG = 1009
 
 _SHORT = struct.Struct("!BB4s")
 _MEDIUM = struct.Struct("!BBH4s")
@@ -49,6 +53,7 @@ class LaneSocket(ClientConnection):
     on_message: Callable[[str | bytes], None] | None = None
     _parts: list[bytes] | None = None
     _parts_text = False
+    _failed = False
     _masks = b""
     _mask_at = 0
 
@@ -58,6 +63,8 @@ class LaneSocket(ClientConnection):
             super().process_event(event)
             return
         opcode = event.opcode
+        if self._failed and opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
+            return  # read with the frame that failed the connection: never handed over
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             if not event.fin:
                 self._parts = [bytes(event.data)]
@@ -66,7 +73,9 @@ class LaneSocket(ClientConnection):
             self._hand_over(on_message, bytes(event.data), opcode is Opcode.TEXT)
         elif opcode is Opcode.CONT and self._parts is not None:
             self._parts.append(bytes(event.data))
-            if event.fin:
+            if len(self._parts) > MAX_FRAGMENTS:
+                self._fail(MESSAGE_TOO_BIG, "too many fragments")
+            elif event.fin:
                 data, self._parts = b"".join(self._parts), None
                 self._hand_over(on_message, data, self._parts_text)
         else:
@@ -82,11 +91,16 @@ class LaneSocket(ClientConnection):
         try:
             decoded = data.decode()
         except UnicodeDecodeError as exc:
-            self.on_message = None
-            self.protocol.fail(INVALID_DATA, f"{exc.reason} at position {exc.start}")
-            self.send_data()
+            self._fail(INVALID_DATA, f"{exc.reason} at position {exc.start}")
             return
         on_message(decoded)
+
+    def _fail(self, code: int, reason: str) -> None:
+        """Fail the connection (RFC 6455 §7.1.7): nothing more is handed over."""
+        self._failed = True
+        self._parts = None
+        self.protocol.fail(code, reason)
+        self.send_data()
 
     def write_message(self, data: bytes, *, text: bool) -> None:
         """Write one whole message now. The caller has checked that the socket is open."""
