@@ -15,7 +15,8 @@ Choices worth knowing:
   and a mark placed while the buffer is empty is reported with the next frame.
 * Standing queue. ``trim`` drops whole frames from the head: for a stream sent in real time
   whose one late frame left a frame waiting at every tick since (the caller would hear it 20 ms
-  late for the rest of the call). Counted in ``counters.trimmed_ms``.
+  late for the rest of the call). Counted in ``counters.trimmed_ms``. ``head_is_quiet`` tells
+  whether the frame at the head is quiet enough to drop unheard.
 * Odd bytes. A trailing odd byte is carried to the next write; a mark placed while a byte is
   carried sits before that half sample.
 """
@@ -25,6 +26,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal
+
+import numpy as np
 
 __all__ = ["MAX_MARK_NAME_LENGTH", "MarkReached", "PlayoutBuffer", "PlayoutCounters"]
 
@@ -250,6 +253,15 @@ class PlayoutBuffer:
             reached.append(MarkReached(marks.popleft()[1]))
         self._marks_reached += len(reached)
         return frame, reached
+
+    def head_is_quiet(self, peak: int) -> bool:
+        """The next whole frame's samples all lie within ``±peak`` (False with less than a
+        frame queued)."""
+        head, size = self._head, self._frame_bytes
+        if len(self._buf) - head < size:
+            return False
+        samples = np.frombuffer(bytes(self._buf[head : head + size]), dtype="<i2")
+        return int(samples.max()) <= peak and int(samples.min()) >= -peak
 
     def trim(self, ms: float) -> float:
         """Drop up to ``ms`` of the oldest queued audio, in whole frames (see the module

@@ -276,6 +276,32 @@ class TestPlayoutTrim:
         _, reached = buffer.next_frame()  # the third frame: the mark's audio went before it
         assert reached == [MarkReached("a")]
 
+    @pytest.mark.parametrize(
+        ("head", "quiet"),
+        [
+            ([0] * 160, True),
+            ([256, -256] * 80, True),  # the bound itself is quiet
+            ([0] * 159 + [257], False),
+            ([0] * 80 + [-257] + [0] * 79, False),
+            ([-32768] + [0] * 159, False),
+        ],
+        ids=["silence", "at-the-bound", "one-sample-over", "one-sample-under", "int16-min"],
+    )
+    def test_head_is_quiet_looks_at_the_next_whole_frame_only(
+        self, head: list[int], quiet: bool
+    ) -> None:
+        buffer = PlayoutBuffer(8000)
+        buffer.write(np.array(head, dtype="<i2").tobytes() + ramp(160, start=5000))
+        assert buffer.head_is_quiet(256) is quiet
+        buffer.next_frame()
+        assert buffer.head_is_quiet(256) is False  # the loud ramp is next
+        assert buffer.queued_ms == 20.0  # looking took nothing
+
+    def test_less_than_a_frame_is_never_quiet(self) -> None:
+        buffer = PlayoutBuffer(8000)
+        buffer.write(bytes(318))
+        assert buffer.head_is_quiet(256) is False
+
 
 class TestPlayoutMemory:
     def test_a_real_time_stream_keeps_no_played_audio(self) -> None:

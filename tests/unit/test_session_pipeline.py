@@ -33,6 +33,12 @@ def _tone_frames(low: float, high: float, seconds: float = 0.12) -> list[bytes]:
     return [pcm[i : i + FRAME_BYTES] for i in range(0, len(pcm), FRAME_BYTES)]
 
 
+_t = np.arange(FRAME_BYTES // 2) / SAMPLE_RATE
+SPEECH = (3000 * np.sin(2 * np.pi * 400 * _t)).astype("<i2").tobytes()
+"""A frame of the agent speaking: 20 ms of a 400 Hz tone (whole periods), far above
+``QUIET_PEAK``."""
+
+
 def _feed(pipeline: MediaPipeline, frames: list[bytes]) -> None:
     for index, frame in enumerate(frames):
         pipeline.take_caller(frame, index * 0.02)
@@ -193,25 +199,27 @@ class TestAgentArrivalPhase:
 
 
 class TestStandingPlayoutQueue:
+    """The agent speaking (no frame quiet enough to drop unheard, ``QUIET_PEAK``)."""
+
     def test_one_frame_left_waiting_for_a_second_is_trimmed_once(self) -> None:
         pipeline = MediaPipeline(detect_beep=False)
-        pipeline.agent_audio(bytes(FRAME_BYTES), SAMPLE_RATE)  # one late frame's legacy
+        pipeline.agent_audio(SPEECH, SAMPLE_RATE)  # one late frame's legacy
         for tick in range(pipeline_module.STANDING_TICKS):
-            pipeline.agent_audio(bytes(FRAME_BYTES), SAMPLE_RATE)
+            pipeline.agent_audio(SPEECH, SAMPLE_RATE)
             pipeline.next_out()
             expected = 0.0 if tick == pipeline_module.STANDING_TICKS - 1 else 20.0
             assert pipeline.playout.queued_ms == expected
         assert pipeline.playout.counters.trimmed_ms == 20.0
         for _ in range(3 * pipeline_module.STANDING_TICKS):
-            pipeline.agent_audio(bytes(FRAME_BYTES), SAMPLE_RATE)
+            pipeline.agent_audio(SPEECH, SAMPLE_RATE)
             pipeline.next_out()
         assert pipeline.playout.counters.trimmed_ms == 20.0
 
     def test_three_frames_standing_are_trimmed_together(self) -> None:
         pipeline = MediaPipeline(detect_beep=False)
-        pipeline.agent_audio(bytes(FRAME_BYTES * 3), SAMPLE_RATE)  # the agent caught up at once
+        pipeline.agent_audio(SPEECH * 3, SAMPLE_RATE)  # the agent caught up at once
         for _ in range(pipeline_module.STANDING_TICKS):
-            pipeline.agent_audio(bytes(FRAME_BYTES), SAMPLE_RATE)
+            pipeline.agent_audio(SPEECH, SAMPLE_RATE)
             pipeline.next_out()
         assert pipeline.playout.counters.trimmed_ms == 60.0
         assert pipeline.playout.queued_ms == 0.0
@@ -219,10 +227,10 @@ class TestStandingPlayoutQueue:
     def test_a_sender_running_ahead_is_not_trimmed(self) -> None:
         """A frame more every ten ticks: the queue grows, it does not stand."""
         pipeline = MediaPipeline(detect_beep=False)
-        pipeline.agent_audio(bytes(FRAME_BYTES), SAMPLE_RATE)
+        pipeline.agent_audio(SPEECH, SAMPLE_RATE)
         for tick in range(5 * pipeline_module.STANDING_TICKS):
             frames = 2 if tick % 10 == 0 else 1
-            pipeline.agent_audio(bytes(FRAME_BYTES * frames), SAMPLE_RATE)
+            pipeline.agent_audio(SPEECH * frames, SAMPLE_RATE)
             pipeline.next_out()
         assert pipeline.playout.counters.trimmed_ms == 0.0
 
@@ -232,7 +240,7 @@ class TestStandingPlayoutQueue:
         left = []
         for frames in frames_per_tick:
             if frames:
-                pipeline.agent_audio(bytes(FRAME_BYTES * frames), SAMPLE_RATE)
+                pipeline.agent_audio(SPEECH * frames, SAMPLE_RATE)
             pipeline.next_out()
             left.append(pipeline.playout.queued_ms)
         return left
@@ -285,7 +293,7 @@ class TestStandingPlayoutQueue:
             # before this one.
             arrivals = [now] * 4 if tick == 0 else [now - 0.0195, now - 0.0005] if tick % 2 else []
             for at in arrivals:
-                pipeline.agent_audio(bytes(FRAME_BYTES), SAMPLE_RATE, at if timed else None)
+                pipeline.agent_audio(SPEECH, SAMPLE_RATE, at if timed else None)
             pipeline.next_out()
             left.append(pipeline.playout.queued_ms)
         assert set(left[:20]) == {60.0, 80.0}
@@ -293,8 +301,64 @@ class TestStandingPlayoutQueue:
 
     def test_a_burst_faster_than_real_time_is_never_trimmed(self) -> None:
         pipeline = MediaPipeline(detect_beep=False)
-        pipeline.agent_audio(bytes(FRAME_BYTES * 200), SAMPLE_RATE)  # 4 s of TTS at once
+        pipeline.agent_audio(SPEECH * 200, SAMPLE_RATE)  # 4 s of TTS at once
         for _ in range(199):
             pipeline.next_out()
         assert pipeline.playout.counters.trimmed_ms == 0.0
         assert pipeline.playout.queued_ms == 20.0
+
+
+class TestQuietFramesBehindALateOne:
+    """While silence is owed (a frame came late, silence went out in its place), a quiet frame
+    (``QUIET_PEAK``) waiting behind it is dropped at once: the caller hears nothing of it and the
+    agent's audio is on time again at its next pause, not a second later."""
+
+    QUIET = np.random.default_rng(7).integers(-40, 41, FRAME_BYTES // 2).astype("<i2").tobytes()
+
+    @staticmethod
+    def _ticks(
+        pipeline: MediaPipeline, arrivals: list[list[bytes]]
+    ) -> tuple[list[float], list[bytes]]:
+        """Each tick: those frames arrive, then one goes out; what is left, and what went out."""
+        left, heard = [], []
+        for frames in arrivals:
+            for frame in frames:
+                pipeline.agent_audio(frame, SAMPLE_RATE)
+            heard.append(pipeline.next_out())
+            left.append(pipeline.playout.queued_ms)
+        return left, heard
+
+    def test_a_quiet_late_frame_is_dropped_at_the_next_tick(self) -> None:
+        pipeline = MediaPipeline(detect_beep=False)
+        q = self.QUIET
+        left, _ = self._ticks(pipeline, [[q], [], [q, q]] + [[q]] * 10)
+        assert left == [0.0] * 13  # on time again at once, not after STANDING_TICKS
+        assert pipeline.playout.counters.trimmed_ms == 20.0
+
+    def test_speech_is_played_whole_and_the_first_quiet_frame_after_it_goes(self) -> None:
+        pipeline = MediaPipeline(detect_beep=False)
+        q, s = self.QUIET, SPEECH
+        left, heard = self._ticks(pipeline, [[s], [], [s, s]] + [[s]] * 5 + [[q]] * 5)
+        # The late frame is speech: it is played, and the queue stands a frame behind through
+        # the speech (and the tick the first quiet frame arrives behind the last of it); the
+        # first quiet frame that reaches the head is the one dropped.
+        assert left == [0.0, 0.0] + [20.0] * 7 + [0.0] * 4
+        assert heard.count(SPEECH) == 8  # every frame of speech the agent sent
+        assert pipeline.playout.counters.trimmed_ms == 20.0
+
+    def test_quiet_audio_sent_ahead_is_never_dropped(self) -> None:
+        pipeline = MediaPipeline(detect_beep=False)
+        pipeline.agent_audio(self.QUIET * 100, SAMPLE_RATE)  # 2 s at once: nothing owed
+        for _ in range(99):
+            pipeline.next_out()
+        assert pipeline.playout.counters.trimmed_ms == 0.0
+        assert pipeline.playout.queued_ms == 20.0
+
+    def test_nothing_is_owed_after_the_end_of_speech(self) -> None:
+        """Dry for ``DRY_TICKS`` ticks: the agent stopped; quiet audio it then sends near the
+        tick is not dropped for it."""
+        pipeline = MediaPipeline(detect_beep=False)
+        q = self.QUIET
+        self._ticks(pipeline, [[q]] + [[]] * pipeline_module.DRY_TICKS)
+        self._ticks(pipeline, [[q, q]] + [[q, q], []] * 10)
+        assert pipeline.playout.counters.trimmed_ms == 0.0

@@ -31,7 +31,9 @@ and left frames waiting at every tick since, ``next_out`` trims them after a sec
 that stood all that second when it stood still; when its frames came so near the tick that it
 moved by a frame, as much of it as the silence that went out in their place (``_owed_ms``: each
 tick the agent's audio ran dry mid-stream, forgotten after ``DRY_TICKS`` dry ticks in a row, the
-end of its speech), so audio an agent sent ahead of time is never cut.
+end of its speech), so audio an agent sent ahead of time is never cut. While silence is owed, a
+quiet frame (``QUIET_PEAK``) waiting behind a late one is dropped at once instead: the caller
+hears nothing of it, and the rest of the agent's audio is on time again at its next pause.
 """
 
 from __future__ import annotations
@@ -67,6 +69,10 @@ DRY_TICKS = 5
 not frames late: nothing is owed back from it."""
 OWED_MAX_MS = 200.0
 """The most silence remembered as owed (a frame late, played later than its moment)."""
+QUIET_PEAK = 256
+"""A frame whose samples all lie within this (-42 dBFS) is quiet: while silence is owed, such a
+frame waiting behind a late one is dropped at once (the caller hears nothing of it) rather
+than after ``STANDING_TICKS``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -283,6 +289,14 @@ class MediaPipeline:
         """Step 3: the frame the caller hears now (streamed audio and prompt, mixed)."""
         playout = self.playout
         streaming = playout.playing
+        if (
+            self._owed_ms >= FRAME_MS
+            and playout.queued_ms >= 2 * FRAME_MS
+            and playout.head_is_quiet(QUIET_PEAK)
+        ):
+            # Silence went out in place of a late frame, so this one waits a frame behind: it
+            # is quiet, drop it now (what a playout buffer does in a pause) and be on time.
+            self._owed_ms -= playout.trim(FRAME_MS)
         stream, reached = playout.next_frame()
         queued = playout.queued_ms
         if queued >= 20.0:
