@@ -37,17 +37,33 @@ Asterisk's default one (10000-19999, which the worker refuses to overlap), with 
 test's 200-port RTP range below 65000."""
 
 
+_HANDED_OUT: list[range] = []
+"""The spans ``free_port`` handed out last, never handed out again while they are here."""
+HANDED_OUT_PORTS = 1200
+"""How many ports of recent spans are remembered (a third of ``FREE_PORTS``)."""
+
+
 def free_port(host: str = "127.0.0.1", *, span: int = 2) -> int:
     """An even port that is free for both UDP and TCP right now, with the ``span - 1`` ports
-    above it free too (2: RTP and RTCP; 4: SIPp's ``-rtp_echo``, which also takes port + 2).
+    above it free too (2: RTP and RTCP; 4: SIPp's ``-rtp_echo``, which also takes port + 2; a
+    worker's RTP range: its size).
 
     Only "right now": nothing holds it until the caller binds it. It is drawn at random from
     ``FREE_PORTS``, where the kernel never hands out ports on its own, so only another explicit
     bind could take it in between (a port from the ephemeral range was once taken by another
-    socket first: "Address already in use" in CI)."""
+    socket first: "Address already in use" in CI); and never from a span handed out recently
+    (the last ``HANDED_OUT_PORTS`` ports' worth), so the several ports one test asks for before
+    binding any of them never meet (a worker's metrics port once fell inside its own RTP range,
+    both picked here: "address already in use" in CI)."""
     for _ in range(200):
         port = random.randrange(FREE_PORTS.start, FREE_PORTS.stop - span, 2)
-        if all(_bindable(host, p) for p in range(port, port + span)):
+        ports = range(port, port + span)
+        if any(ports.start < r.stop and r.start < ports.stop for r in _HANDED_OUT):
+            continue
+        if all(_bindable(host, p) for p in ports):
+            _HANDED_OUT.append(ports)
+            while sum(len(r) for r in _HANDED_OUT) > HANDED_OUT_PORTS:
+                del _HANDED_OUT[0]
             return port
     raise RuntimeError("no free port found")
 

@@ -258,7 +258,7 @@ async def running_worker(
     tokens; ``api`` and ``events`` add to those sections); without, events only go to the JSONL
     file."""
     sip_port = free_port()
-    rtp_low = free_port()
+    rtp_low = free_port(span=202)
     store: dict[str, Any] = {"store": False}
     if database_url is not None:
         store = {

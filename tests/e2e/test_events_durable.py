@@ -47,7 +47,7 @@ class WorkerProcess:
         self.folder = folder
         self.sip_port = free_port()
         self.api_port = free_port(host="127.0.0.1")
-        rtp = free_port()
+        rtp = free_port(span=102)
         self.config = folder / "worker.toml"
         self.config.write_text(
             f'data_dir = "{folder / "data"}"\n'

@@ -39,7 +39,7 @@ class FrontProcess:
         self.processes = processes
         self.sip_port = free_port()
         self.metrics_port = free_port()
-        rtp = free_port()
+        rtp = free_port(span=200)
         self.config = folder / "worker.toml"
         self.config.write_text(
             f'data_dir = "{folder / "data"}"\n'

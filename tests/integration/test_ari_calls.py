@@ -63,7 +63,7 @@ async def ari_worker(
     **ari: Any,
 ) -> AsyncIterator[Worker]:
     """A worker taking calls from the Asterisk at ``asterisk_url``, closed on the way out."""
-    rtp_low = free_port()
+    rtp_low = free_port(span=202)
     settings = load_settings(
         None,
         data_dir=str(data_dir),

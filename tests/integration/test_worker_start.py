@@ -19,7 +19,7 @@ class TestTakenSipPort:
         port = free_port()
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
             squatter.bind(("127.0.0.1", port))
-            rtp = free_port()
+            rtp = free_port(span=22)
             settings = load_settings(
                 None,
                 data_dir=tmp_path,
@@ -41,7 +41,7 @@ class TestTheMediaPacer:
     async def test_a_session_whose_tick_raises_ends_its_call(self, tmp_path: Path) -> None:
         """The worker's pacer hands a raising tick to ``tick_failed`` (which hangs that call
         up: tests/unit/test_session_core.py), not to its own log-and-drop."""
-        rtp = free_port()
+        rtp = free_port(span=22)
         settings = load_settings(
             None,
             data_dir=tmp_path,
