@@ -317,13 +317,15 @@ class TestQuietFramesBehindALateOne:
 
     @staticmethod
     def _ticks(
-        pipeline: MediaPipeline, arrivals: list[list[bytes]]
+        pipeline: MediaPipeline, arrivals: list[list[bytes]], timed: bool = True
     ) -> tuple[list[float], list[bytes]]:
-        """Each tick: those frames arrive, then one goes out; what is left, and what went out."""
+        """Each tick: those frames arrive (from an agent over the network: with their arrival
+        times; without, as the echo route's), then one goes out; what is left, and what went
+        out."""
         left, heard = [], []
-        for frames in arrivals:
+        for tick, frames in enumerate(arrivals):
             for frame in frames:
-                pipeline.agent_audio(frame, SAMPLE_RATE)
+                pipeline.agent_audio(frame, SAMPLE_RATE, 100.0 + 0.02 * tick if timed else None)
             heard.append(pipeline.next_out())
             left.append(pipeline.playout.queued_ms)
         return left, heard
@@ -348,7 +350,7 @@ class TestQuietFramesBehindALateOne:
 
     def test_quiet_audio_sent_ahead_is_never_dropped(self) -> None:
         pipeline = MediaPipeline(detect_beep=False)
-        pipeline.agent_audio(self.QUIET * 100, SAMPLE_RATE)  # 2 s at once: nothing owed
+        pipeline.agent_audio(self.QUIET * 100, SAMPLE_RATE, 100.0)  # 2 s at once: nothing owed
         for _ in range(99):
             pipeline.next_out()
         assert pipeline.playout.counters.trimmed_ms == 0.0
@@ -361,4 +363,13 @@ class TestQuietFramesBehindALateOne:
         q = self.QUIET
         self._ticks(pipeline, [[q]] + [[]] * pipeline_module.DRY_TICKS)
         self._ticks(pipeline, [[q, q]] + [[q, q], []] * 10)
+        assert pipeline.playout.counters.trimmed_ms == 0.0
+
+    def test_the_echo_routes_audio_is_never_dropped_for_it(self) -> None:
+        """The echo route (no arrival times) plays the caller's own audio back as it came: an
+        echo test compares it. Its standing frame waits for the one-second rule instead."""
+        pipeline = MediaPipeline(detect_beep=False)
+        q = self.QUIET
+        left, _ = self._ticks(pipeline, [[q], [], [q, q]] + [[q]] * 10, timed=False)
+        assert left == [0.0, 0.0] + [20.0] * 11
         assert pipeline.playout.counters.trimmed_ms == 0.0

@@ -32,8 +32,9 @@ that stood all that second when it stood still; when its frames came so near the
 moved by a frame, as much of it as the silence that went out in their place (``_owed_ms``: each
 tick the agent's audio ran dry mid-stream, forgotten after ``DRY_TICKS`` dry ticks in a row, the
 end of its speech), so audio an agent sent ahead of time is never cut. While silence is owed, a
-quiet frame (``QUIET_PEAK``) waiting behind a late one is dropped at once instead: the caller
-hears nothing of it, and the rest of the agent's audio is on time again at its next pause.
+quiet frame (``QUIET_PEAK``) of an agent's waiting behind a late one is dropped at once instead:
+the caller hears nothing of it, and the rest of the agent's audio is on time again at its next
+pause.
 """
 
 from __future__ import annotations
@@ -71,8 +72,10 @@ OWED_MAX_MS = 200.0
 """The most silence remembered as owed (a frame late, played later than its moment)."""
 QUIET_PEAK = 256
 """A frame whose samples all lie within this (-42 dBFS) is quiet: while silence is owed, such a
-frame waiting behind a late one is dropped at once (the caller hears nothing of it) rather
-than after ``STANDING_TICKS``."""
+frame of an agent's (audio with arrival times: it came over the network) waiting behind a late
+one is dropped at once (the caller hears nothing of it) rather than after ``STANDING_TICKS``.
+Not the echo route's nor a dial bridge's (no arrival times): the echo is the caller's own audio,
+played back as it came, since an echo test compares it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +294,7 @@ class MediaPipeline:
         streaming = playout.playing
         if (
             self._owed_ms >= FRAME_MS
+            and self._arrivals
             and playout.queued_ms >= 2 * FRAME_MS
             and playout.head_is_quiet(QUIET_PEAK)
         ):
