@@ -37,10 +37,8 @@ Asterisk's default one (10000-19999, which the worker refuses to overlap), with 
 test's 200-port RTP range below 65000."""
 
 
-_HANDED_OUT: list[range] = []
-"""The spans ``free_port`` handed out last, never handed out again while they are here."""
-HANDED_OUT_PORTS = 1200
-"""How many ports of recent spans are remembered (a third of ``FREE_PORTS``)."""
+_next: list[int] = []
+"""Where ``free_port`` looks next (empty until the first call, which starts at random)."""
 
 
 def free_port(host: str = "127.0.0.1", *, span: int = 2) -> int:
@@ -48,22 +46,23 @@ def free_port(host: str = "127.0.0.1", *, span: int = 2) -> int:
     above it free too (2: RTP and RTCP; 4: SIPp's ``-rtp_echo``, which also takes port + 2; a
     worker's RTP range: its size).
 
-    Only "right now": nothing holds it until the caller binds it. It is drawn at random from
-    ``FREE_PORTS``, where the kernel never hands out ports on its own, so only another explicit
-    bind could take it in between (a port from the ephemeral range was once taken by another
-    socket first: "Address already in use" in CI); and never from a span handed out recently
-    (the last ``HANDED_OUT_PORTS`` ports' worth), so the several ports one test asks for before
-    binding any of them never meet (a worker's metrics port once fell inside its own RTP range,
-    both picked here: "address already in use" in CI)."""
-    for _ in range(200):
-        port = random.randrange(FREE_PORTS.start, FREE_PORTS.stop - span, 2)
-        ports = range(port, port + span)
-        if any(ports.start < r.stop and r.start < ports.stop for r in _HANDED_OUT):
-            continue
-        if all(_bindable(host, p) for p in ports):
-            _HANDED_OUT.append(ports)
-            while sum(len(r) for r in _HANDED_OUT) > HANDED_OUT_PORTS:
-                del _HANDED_OUT[0]
+    Only "right now": nothing holds it until the caller binds it. It comes from ``FREE_PORTS``,
+    where the kernel never hands out ports on its own, so only another explicit bind could take
+    it in between (a port from the ephemeral range was once taken by another socket first:
+    "Address already in use" in CI). The spans are handed out in turn from a random start, as
+    the kernel hands out its ephemeral ports, so the ports one test asks for before binding any
+    of them never meet (drawn at random, a worker's metrics port once fell inside its own RTP
+    range, both picked here: "address already in use" in CI), and a span comes back only after
+    the whole range has gone round."""
+    span += span % 2  # keep every start even
+    if not _next:
+        _next.append(random.randrange(FREE_PORTS.start, FREE_PORTS.stop, 2))
+    for _ in range(len(FREE_PORTS) // 2):
+        port = _next[0]
+        if port + span > FREE_PORTS.stop:
+            port = FREE_PORTS.start
+        _next[0] = port + span
+        if all(_bindable(host, p) for p in range(port, port + span)):
             return port
     raise RuntimeError("no free port found")
 
