@@ -772,6 +772,26 @@ def _listen(
     )
 
 
+async def _closed_by_agent(
+    server: AgentServer,
+    events: Events[ListenConnectionEvent],
+    send: Callable[[Peer], Awaitable[None]],
+) -> tuple[ListenClosed, int | None]:
+    """A streaming listen socket whose agent, once the metadata is in, ``send``s what must fail
+    the connection: the lane's close event, and the close code the worker sent the agent."""
+    conn = _listen(server, events, la.ListenAudioProtocol(streaming=True))
+    try:
+        await conn.connect()
+        peer = await server.next_peer()
+        await peer.recv()
+        await send(peer)
+        closed = await events.next_of(ListenClosed)
+        code, _ = await peer.close_code()
+    finally:
+        await conn.close()
+    return closed, code
+
+
 class TestListenFirstFrameRule:
     async def test_metadata_is_the_first_frame_then_audio_in_order(
         self, audio_server: AgentServer
@@ -1057,37 +1077,27 @@ class TestListenAppMessages:
         """As websockets' recv does: more than MAX_FRAGMENTS pieces fail the connection (1009),
         whatever their total size (a million one-byte fragments cost far more than a MB)."""
         events: Events[ListenConnectionEvent] = Events()
-        conn = _listen(audio_server, events, la.ListenAudioProtocol(streaming=True))
-        try:
-            await conn.connect()
-            peer = await audio_server.next_peer()
-            await peer.recv()
+
+        async def fragments(peer: Peer) -> None:
             await peer.conn.send([b"\x00\x00"] * (MAX_FRAGMENTS + 10))
-            closed = await events.next_of(ListenClosed)
-            code = await peer.close_code()
-        finally:
-            await conn.close()
-        assert code[0] == 1009
+
+        closed, code = await _closed_by_agent(audio_server, events, fragments)
+        assert code == 1009
         assert closed.code == 1009
         assert not [e for e in events.seen if isinstance(e, la.AudioReceived)]
 
     async def test_text_that_is_not_utf8_closes_with_1007(self, audio_server: AgentServer) -> None:
         """RFC 6455 §8.1: invalid UTF-8 in a text message fails the connection (1007)."""
         events: Events[ListenConnectionEvent] = Events()
-        conn = _listen(audio_server, events)
-        try:
-            await conn.connect()
-            peer = await audio_server.next_peer()
-            await peer.recv()
+
+        async def bad_then_good(peer: Peer) -> None:
             # A bad message, and a good one read with it: nothing after the failure is handed over.
             peer.conn.protocol.send_text(b'{"type": "mark\xff"}')
             peer.conn.protocol.send_text(b'{"type": "mark", "data": {"name": "m1"}}')
             peer.conn.send_data()
-            closed = await events.next_of(ListenClosed)
-            code = await peer.close_code()
-        finally:
-            await conn.close()
-        assert code[0] == 1007
+
+        closed, code = await _closed_by_agent(audio_server, events, bad_then_good)
+        assert code == 1007
         assert closed.code == 1007
         assert not [e for e in events.seen if isinstance(e, la.Mark)]
 

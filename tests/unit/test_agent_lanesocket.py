@@ -5,8 +5,6 @@ message given; the mask bit is set; every frame has its own masking key, drawn f
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
@@ -30,9 +28,6 @@ class _Transport:
 
     def get_write_buffer_size(self) -> int:
         return 0
-
-    def __getattr__(self, name: str) -> Any:
-        raise AttributeError(name)
 
 
 def _socket() -> tuple[LaneSocket, _Transport]:
