@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -100,11 +101,19 @@ class WorkerProcess:
         return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
     def stop(self) -> int:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(30)
+        """SIGTERM (SIGKILL if it is still there after 30 s); its exit code. Safe to call again,
+        or when ``start`` failed."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
         self._out.close()
-        return code
+        return self.process.returncode
 
 
 class Client:
@@ -139,6 +148,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     postgres = TestPostgres()
     postgres.start_server()
     folder = Path(tempfile.mkdtemp(prefix="bench-events-"))
+    worker: WorkerProcess | None = None
     try:
         url = await postgres.database()
         worker = WorkerProcess(folder, url)
@@ -192,7 +202,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             client.task.cancel()
         code = await asyncio.to_thread(worker.stop)
     finally:
+        if worker is not None:
+            await asyncio.to_thread(worker.stop)  # after an error: the worker is not left running
         postgres.close()
+        shutil.rmtree(folder, ignore_errors=True)
     latencies: list[float] = []
     lost = 0
     delivered = 0

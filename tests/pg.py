@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -53,16 +54,20 @@ class TestPostgres:
     def close(self) -> None:
         """Stop the server and delete its folder. pgserver's cleanup has been seen to delete
         the folder and leave the postmaster running (a run interrupted with Ctrl-C), so the
-        postmaster's PID is read first and the process ended by it if it outlives the cleanup."""
-        if self._server is None:
-            return
-        pid = _postmaster_pid(self.pgdata)
+        postmaster's PID is read first and the process ended by it if it outlives the cleanup.
+        pgserver deletes only the data folder; the temporary folder around it goes here."""
         try:
-            self._server.cleanup()
+            if self._server is None:
+                return
+            pid = _postmaster_pid(self.pgdata)
+            try:
+                self._server.cleanup()
+            finally:
+                self._server = None
+                if pid is not None:
+                    _end(pid, self.pgdata)
         finally:
-            self._server = None
-            if pid is not None:
-                _end(pid, self.pgdata)
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     def url(self, database: str) -> str:
         return f"postgresql://postgres@/{database}?host={self.socket_dir}"

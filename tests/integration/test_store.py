@@ -46,6 +46,16 @@ async def pool(url: str) -> AsyncIterator[Any]:
         await p.close()
 
 
+class TestTheTestServer:
+    def test_close_removes_its_temporary_folder(self) -> None:
+        """pgserver deletes only the data folder; 130 empty ``aispinner-pg-*`` folders were
+        found in /tmp after a day of runs before ``close`` removed its own."""
+        server = TestPostgres()
+        assert server.folder.is_dir()
+        server.close()
+        assert not server.folder.exists()
+
+
 class TestMigrations:
     async def test_numbered_and_applied_once_under_concurrent_starts(
         self, postgres: TestPostgres
