@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Installs everything the project needs on a Debian 12 machine, idempotently:
-# the apt packages (SIPp, ffmpeg, espeak-ng, sox, systemd) and the Python virtual environment in .venv.
+# the apt packages (SIPp, ffmpeg, espeak-ng, sox, systemd; perf and valgrind for two benchmark
+# scripts) and the Python virtual environment in .venv.
 # Called by every Makefile target; safe to run again (it only acts on what is missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # systemd: its systemd-analyze checks config/aispinner-worker.service (on a Debian host it is
-# there already).
-APT_PACKAGES=(sip-tester ffmpeg espeak-ng sox python3-venv systemd)
+# there already). linux-perf: scripts/cpu_breakdown.py; valgrind: scripts/bench_tick.py
+# --instructions.
+APT_PACKAGES=(sip-tester ffmpeg espeak-ng sox python3-venv systemd linux-perf valgrind)
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 
