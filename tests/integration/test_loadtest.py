@@ -182,3 +182,40 @@ def test_readme_documents_the_load_test() -> None:
     makefile = (ROOT / "Makefile").read_text()
     assert "loadtest:" in makefile
     assert "LOADTEST_ARGS" in makefile
+
+
+def test_cpu_breakdown_under_a_small_load(tmp_path: Path) -> None:
+    """scripts/cpu_breakdown.py starts the load test, samples the worker with perf once every
+    call is up, and writes shares that add up to the measured cost; the load test's results are
+    kept with ``--out`` and nothing it started is left running."""
+    out, figures_path = tmp_path / "load", tmp_path / "breakdown.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AISPINNER_")}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "cpu_breakdown.py"), "--calls", "6", "--rate", "6",
+         "--hold", "7", "--seconds", "1", "--processes", "1", "--out", str(out),
+         "--json", str(figures_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = json.loads(figures_path.read_text())
+    assert figures["loadtest_calls"]["successful"] == 6
+    assert figures["worker_cpu_percent"] > 0
+    groups = [p for p in figures["parts"] if p["part"] in _TOP_PARTS]
+    assert len(groups) == len(_TOP_PARTS)
+    assert abs(sum(p["us"] for p in groups) - figures["us_per_call_per_20ms"]) < 0.1
+    assert next(p for p in groups if p["part"] == "Python interpreter")["percent"] > 10
+    run = _results(out)["run"]
+    pids = [pid for group in run["pids"].values() for pid in group]
+    assert pids
+    assert [pid for pid in pids if _alive(pid)] == []
+
+
+_TOP_PARTS = {
+    "kernel",
+    "MP3 encoder (LAME)",
+    "numpy",
+    "Python interpreter",
+    "uvloop",
+    "C library",
+    "other",
+}
