@@ -1051,6 +1051,41 @@ class TestListenAppMessages:
             await conn.close()
         assert received == [la.AudioReceived(frame) for frame in frames]
 
+    async def test_a_message_begun_before_the_reader_runs_stays_ahead_of_later_ones(
+        self, audio_server: AgentServer
+    ) -> None:
+        """A message whose first fragment was read before the reader hands messages over is
+        finished in recv's queue; a message read after its last fragment, in the same read,
+        does not overtake it (nor the messages queued before it)."""
+        events: Events[ListenConnectionEvent] = Events()
+        conn = _listen(audio_server, events, la.ListenAudioProtocol(streaming=True))
+        try:
+            await conn.connect()
+            ws = conn._ws
+            assert ws is not None
+            ws.data_received(Frame(Opcode.BINARY, b"\x01\x00").serialize(mask=False))
+            ws.data_received(Frame(Opcode.BINARY, b"\x02\x00", fin=False).serialize(mask=False))
+            peer = await audio_server.next_peer()
+            assert await peer.recv() == METADATA  # the reader runs, and waits for the rest
+            ws.data_received(
+                Frame(Opcode.CONT, b"\x03\x00").serialize(mask=False)
+                + Frame(Opcode.BINARY, b"\x04\x00").serialize(mask=False)
+            )
+            await peer.conn.send(b"\x05\x00")
+            received = [await events.next() for _ in range(4)]
+            # Those taken, a frame is handed over again in the callback that read it.
+            ws.data_received(Frame(Opcode.BINARY, b"\x06\x00").serialize(mask=False))
+            handed_over_at_once = events.seen[-1]
+        finally:
+            await conn.close()
+        assert received == [
+            la.AudioReceived(b"\x01\x00"),
+            la.AudioReceived(b"\x02\x00\x03\x00"),
+            la.AudioReceived(b"\x04\x00"),
+            la.AudioReceived(b"\x05\x00"),
+        ]
+        assert handed_over_at_once == la.AudioReceived(b"\x06\x00")
+
     async def test_fragmented_messages_are_put_together(self, audio_server: AgentServer) -> None:
         """RFC 6455 §5.4: a message in several frames reaches the protocol whole."""
         events: Events[ListenConnectionEvent] = Events()

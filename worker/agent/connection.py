@@ -642,10 +642,11 @@ class _AudioLaneConnection(Generic[_E]):
 
         try:
             # From now on each message is handed over as it is read (worker/agent/lanesocket.py);
-            # those read before wait in recv's queue, and this loop drains them first, in order:
-            # nothing is read until it waits.
+            # those read before wait in recv's queue, and this loop drains them first, in order
+            # (nothing is read until it waits): the socket hands none over until it has them.
             ws.on_message = on_message
             async for message in ws:
+                ws.taken()
                 on_message(message)
         except ConnectionClosed:
             pass

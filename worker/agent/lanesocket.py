@@ -10,8 +10,11 @@ the library's own.
    pieces fail the connection with 1009, as its ``recv`` does (a message of a million one-byte
    fragments would otherwise cost far more memory than its size). A text message that is not
    UTF-8 fails the connection with 1007, as the library's ``recv`` does. Messages that
-   arrived before ``on_message`` was set wait for ``recv`` as usual: the reader drains them, in
-   order, in the same step that sets it (nothing can be read between the two).
+   arrived before ``on_message`` was set wait for ``recv`` as usual, and the reader drains
+   them in order (it sets the hook, then reads; it tells :meth:`LaneSocket.taken` of each).
+   Until it has taken them all, data frames keep going to ``recv``'s queue behind them, as does
+   the rest of a message begun there: a message is never handed over ahead of one read before
+   it.
 2. **One frame written at once.** :meth:`LaneSocket.write_message` serializes an unfragmented
    message as ``Frame.serialize`` does for a client (RFC 6455 §5.2; no extension is ever
    negotiated on these sockets), with its masking key (§5.3) taken from a pool of
@@ -42,6 +45,7 @@ MASK_POOL = 4096
 INVALID_DATA = 1007
 MESSAGE_TOO_BIG = 1009
 
+_DATA = (Opcode.TEXT, Opcode.BINARY, Opcode.CONT)
 _SHORT = struct.Struct("!BB4s")
 _MEDIUM = struct.Struct("!BBH4s")
 _LONG = struct.Struct("!BBQ4s")
@@ -56,15 +60,22 @@ class LaneSocket(ClientConnection):
     _failed = False
     _masks = b""
     _mask_at = 0
+    _queued = 0
+    """Complete messages put in ``recv``'s queue and not yet taken by the reader."""
+    _queue_open = False
+    """A message begun in ``recv``'s queue waits for more fragments."""
 
     def process_event(self, event: Any) -> None:
-        on_message = self.on_message
-        if on_message is None or self.response is None or not isinstance(event, Frame):
+        if not isinstance(event, Frame) or event.opcode not in _DATA:
             super().process_event(event)
             return
-        opcode = event.opcode
-        if self._failed and opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
+        on_message = self.on_message
+        if on_message is None or self.response is None or self._queued or self._queue_open:
+            self._to_queue(event)
+            return
+        if self._failed:
             return  # read with the frame that failed the connection: never handed over
+        opcode = event.opcode
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             if not event.fin:
                 self._parts = [bytes(event.data)]
@@ -79,8 +90,18 @@ class LaneSocket(ClientConnection):
                 data, self._parts = b"".join(self._parts), None
                 self._hand_over(on_message, data, self._parts_text)
         else:
-            # Control frames, and the rest of a message begun before on_message was set.
-            super().process_event(event)
+            super().process_event(event)  # a continuation without a start: the library's error
+
+    def _to_queue(self, event: Frame) -> None:
+        """A data frame for ``recv``'s queue, counted so that no later message overtakes it."""
+        self._queue_open = not event.fin
+        if event.fin:
+            self._queued += 1
+        super().process_event(event)
+
+    def taken(self) -> None:
+        """The reader took a message from ``recv``: one fewer stands ahead of the next frames."""
+        self._queued = max(0, self._queued - 1)
 
     def _hand_over(
         self, on_message: Callable[[str | bytes], None], data: bytes, text: bool
