@@ -59,14 +59,18 @@ class StartError(Exception):
 class Shard:
     """This worker is media process ``index`` of ``processes`` behind the front
     (``worker.front``): its SIP goes through ``wire``, the calls it places get Call-IDs that
-    fall on it, its events go to ``events.<index>.jsonl`` and its own spool, and only process 0
-    runs the ARI ingress."""
+    fall on it, its events go to ``events.<index>.jsonl`` and its own spool; its Stasis
+    application takes the Asterisk calls that fall on it, from the events the front hands it."""
 
     index: int
     processes: int
     wire: WireFactory
     new_call_id: Callable[[str | None], str]
     """A Call-ID that falls on this process (``worker.front.shard.owned_call_id``)."""
+    owns_ari_id: Callable[[str], bool]
+    """Whether an Asterisk channel or bridge id falls on this process (``owns_ari_id``)."""
+    new_ari_channel_id: Callable[[], str]
+    """A channel id for an originate that falls on this process (``owned_channel_id``)."""
 
 
 class Worker:
@@ -112,8 +116,18 @@ class Worker:
                     wire=shard.wire,
                     new_call_id=shard.new_call_id,
                 )
-        if "ari" in self.settings.ingress and (shard is None or shard.index == 0):
-            self.stasis = StasisApp(self.settings, self.ports, self.on_incoming)
+        if "ari" in self.settings.ingress:
+            if shard is None:
+                self.stasis = StasisApp(self.settings, self.ports, self.on_incoming)
+            else:  # the front holds the events connection and hands this process its events
+                self.stasis = StasisApp(
+                    self.settings,
+                    self.ports,
+                    self.on_incoming,
+                    own_events=False,
+                    owns=shard.owns_ari_id,
+                    new_channel_id=shard.new_ari_channel_id,
+                )
         events = "events.jsonl" if shard is None else f"events.{shard.index}.jsonl"
         self.sink = JsonlSink(self.settings.data_dir / events)
         self.bus.subscribe(self.sink)

@@ -15,7 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +24,41 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.harness import SCENARIOS
+from tests.ari_double import AriDouble
+from tests.ari_double.phone import Phone
+from tests.e2e.harness import SCENARIOS, best_match, pattern, samples
 from tests.privileges import may_realtime
 from tests.sipp import Sipp, SippResult, free_port
+from worker.ari.route import call_key
+from worker.front.shard import shard_of
 
 WAIT = 20.0
+ARI_USER, ARI_PASSWORD = "aispinner", "secret"
 
 
 class FrontProcess:
-    """``aispinner-worker run`` with ``processes = 2``, an echo route, events to JSONL."""
+    """``aispinner-worker run`` with ``processes = 2``, an echo route, events to JSONL; with
+    ``asterisk`` (an ARI URL) it takes that Asterisk's calls too."""
 
-    def __init__(self, folder: Path, processes: int = 2) -> None:
+    def __init__(self, folder: Path, processes: int = 2, asterisk: str | None = None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self.processes = processes
         self.sip_port = free_port()
         self.metrics_port = free_port()
         rtp = free_port(span=200)
+        ari = (
+            f'ingress = ["sip", "ari"]\n[ari]\nurl = "{asterisk}"\nusername = "{ARI_USER}"\n'
+            f'password = "{ARI_PASSWORD}"\nreconnect_max_s = 1.0\n'
+            if asterisk
+            else ""
+        )
         self.config = folder / "worker.toml"
         self.config.write_text(
             f'data_dir = "{folder / "data"}"\n'
             f"store = false\nprocesses = {processes}\ndrain_grace_s = 15.0\n"
-            '[log]\nformat = "json"\n'
+            + ari
+            + '[log]\nformat = "json"\n'
             f'[sip]\nhost = "127.0.0.1"\nport = {self.sip_port}\n'
             f'[rtp]\nhost = "127.0.0.1"\nport_min = {rtp}\nport_max = {rtp + 199}\n'
             f'[metrics]\nenabled = true\nhost = "127.0.0.1"\nport = {self.metrics_port}\n'
@@ -125,8 +139,8 @@ class FrontProcess:
 
 
 @contextlib.asynccontextmanager
-async def front(folder: Path) -> AsyncIterator[FrontProcess]:
-    process = FrontProcess(folder)
+async def front(folder: Path, asterisk: str | None = None) -> AsyncIterator[FrontProcess]:
+    process = FrontProcess(folder, asterisk=asterisk)
     await asyncio.to_thread(process.start)
     try:
         yield process
@@ -362,6 +376,98 @@ class TestOneSipAddressTwoMediaProcesses:
             assert handed["handed_over"] == 1
         finally:
             assert await asyncio.to_thread(worker.stop) == 0, worker.tail()
+
+
+class TestAsteriskCallsOverTwoMediaProcesses:
+    """PROTOCOLS.md §4-5 behind the front: the Stasis application's one events connection is
+    the front's, and each call through Asterisk (the ARI test double) is carried by the media
+    process its channel id falls on: its events reach that process, which makes its REST calls
+    and carries its ExternalMedia RTP."""
+
+    async def _calls_on_both(self, asterisk: AriDouble, least: int) -> list[Phone]:
+        """Inbound calls until each process has at least ``least`` (bounded)."""
+        phones: list[Phone] = []
+        while min(Counter(_owner(p) for p in phones).get(i, 0) for i in (0, 1)) < least:
+            assert len(phones) < 40, "the channel ids do not spread"
+            phones.append(await asterisk.call_in("echo"))
+        return phones
+
+    async def test_each_call_is_carried_by_the_process_it_falls_on(self, tmp_path: Path) -> None:
+        async with (
+            AriDouble(username=ARI_USER, password=ARI_PASSWORD) as asterisk,
+            front(tmp_path / "w", asterisk.url) as worker,
+        ):
+            await asyncio.to_thread(worker.wait_for, "connected to Asterisk's events")
+            phones = await self._calls_on_both(asterisk, 2)
+            spoken = [pattern(1.2, seed=n) for n in range(len(phones))]
+            await asyncio.gather(*(p.send_audio(s) for p, s in zip(phones, spoken, strict=True)))
+            await asyncio.sleep(0.3)
+            for phone in phones:
+                await phone.hang_up()
+            done = await worker.until_done(len(phones))
+            await _until(lambda: _nothing_left(asterisk), "Asterisk is left clean")
+        owners = Counter(_owner(p) for p in phones)
+        assert {i: len(calls) for i, calls in done.items()} == {0: owners[0], 1: owners[1]}
+        assert all(e["status"] == "completed" for calls in done.values() for e in calls)
+        for phone, said in zip(phones, spoken, strict=True):  # each call's echo came back
+            match = best_match(samples(bytes(phone.heard)), samples(said)[2000:7000])
+            assert match.score > 0.9, (phone.channel_id, match)
+
+    async def test_a_killed_media_process_loses_only_its_asterisk_calls(
+        self, tmp_path: Path
+    ) -> None:
+        """Its calls' channels and bridges are cleaned out of Asterisk by the process started
+        in its place (a resync of the calls that fall on it); the other process's calls go on."""
+        async with (
+            AriDouble(username=ARI_USER, password=ARI_PASSWORD) as asterisk,
+            front(tmp_path / "w", asterisk.url) as worker,
+        ):
+            await asyncio.to_thread(worker.wait_for, "connected to Asterisk's events")
+            first, second = worker.pids()
+            phones = await self._calls_on_both(asterisk, 1)
+            await _until(lambda: all(p.answered for p in phones), "every call is answered")
+            os.kill(second, signal.SIGKILL)
+            restarted = await asyncio.to_thread(worker.wait_for, "media process ready", 3)
+            assert restarted["index"] == 1
+            lost = [p for p in phones if _owner(p) == 1]
+            kept = [p for p in phones if _owner(p) == 0]
+            await _until(lambda: all(p.ended.is_set() for p in lost), "the lost calls end")
+            await _until(
+                lambda: not [b for b in asterisk.bridges if _owner_of(b) == 1],
+                "their bridges are destroyed",
+            )
+            assert not any(p.ended.is_set() for p in kept)
+            said = pattern(1.0, seed=11)
+            await kept[0].send_audio(said)
+            await asyncio.sleep(0.3)
+            heard = samples(bytes(kept[0].heard))
+            for phone in kept:
+                await phone.hang_up()
+            done = await worker.until_done(len(kept))
+            assert _alive(first)
+        assert len(done[0]) == len(kept)
+        assert done[1] == []
+        assert best_match(heard, samples(said)[2000:6000]).score > 0.9
+
+
+def _owner(phone: Phone) -> int:
+    return _owner_of(phone.channel_id)
+
+
+def _owner_of(resource_id: str) -> int:
+    return shard_of(call_key(resource_id), 2)
+
+
+def _nothing_left(asterisk: AriDouble) -> bool:
+    media = [c for c in asterisk.channels.values() if c.name.startswith("UnicastRTP/")]
+    return not asterisk.bridges and not media
+
+
+async def _until(check: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not check():
+        assert time.monotonic() < deadline, f"not within {WAIT} s: {what}"
+        await asyncio.sleep(0.02)
 
 
 def _until_bound(port: int) -> None:

@@ -786,6 +786,26 @@ class TestResyncAfterAnEarlierProcess:
                 assert worker.stasis.counters.orphans_removed == 3
                 assert not worker.results  # nothing to run a session for
 
+    async def test_an_empty_bridge_of_a_call_that_died_in_its_set_up_is_destroyed(
+        self, tmp_path: Path
+    ) -> None:
+        """A bridge created for a call whose process died before a channel joined it is in no
+        application (Asterisk subscribes an application to a bridge when its channel joins):
+        found among all bridges by the worker's naming (``<id>-bridge``, ``call-<id>``); an
+        empty bridge of anyone else's stays."""
+        async with AriDouble(username=USER, password=PASSWORD) as asterisk:
+            earlier = _OtherClient(asterisk)
+            await earlier.connect()
+            client = earlier.client
+            await client.create_bridge("1796.7-bridge", "mixing,dtmf_events", "call-1796.7")
+            await client.create_bridge("conference-bridge", "mixing", "conference")
+            await earlier.close()
+            async with ari_worker(tmp_path, asterisk.url, ECHO) as worker:
+                await until(lambda: "1796.7-bridge" not in asterisk.bridges, "it is destroyed")
+                assert worker.stasis is not None
+                assert worker.stasis.counters.orphans_removed == 1
+            assert "conference-bridge" in asterisk.bridges
+
     async def test_ringing_caller_adopted(self, tmp_path: Path) -> None:
         async with AriDouble(username=USER, password=PASSWORD) as asterisk:
             earlier = _OtherClient(asterisk)

@@ -9,22 +9,27 @@ import itertools
 import json
 import zlib
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from worker.config import load_settings
 from worker.errors import ConfigError
 from worker.front import front as front_module
+from worker.front.ari_relay import AriRelay
 from worker.front.front import Front, media_settings, process_count
 from worker.front.ipc import (
+    MAX_FRAME,
+    AriFrame,
     ControlFrame,
     FrameError,
     SipFrame,
     decode,
+    encode_ari,
     encode_control,
     encode_sip,
 )
-from worker.front.shard import owned_call_id, shard_of
+from worker.front.shard import owned_call_id, owned_channel_id, owns_ari_id, shard_of
 from worker.sip.message import Message, parse
 from worker.sip.transaction import Transport
 
@@ -54,6 +59,36 @@ class TestShard:
     def test_an_index_outside_the_processes_is_refused(self) -> None:
         with pytest.raises(ValueError, match=r"not in 0\.\.1"):
             owned_call_id(2, 2)
+
+
+class TestAsteriskCallsShard:
+    """A call through Asterisk falls on the process of its channel id; its bridge and its
+    ExternalMedia channel, named after it, fall on the same one."""
+
+    @pytest.mark.parametrize("processes", [1, 2, 3, 8])
+    def test_a_call_and_its_bridge_and_media_channel_fall_on_one_process(
+        self, processes: int
+    ) -> None:
+        for n in range(50):
+            channel = f"1795254489.{n}"
+            owner = shard_of(channel, processes)
+            for resource in (channel, f"{channel}-bridge", f"{channel}-media"):
+                assert owns_ari_id(owner, processes, resource)
+                others = [i for i in range(processes) if i != owner]
+                assert not any(owns_ari_id(i, processes, resource) for i in others)
+
+    @pytest.mark.parametrize("processes", [1, 2, 3, 8])
+    def test_a_process_originates_with_channel_ids_that_fall_on_it(self, processes: int) -> None:
+        for index in range(processes):
+            for _ in range(20):
+                channel = owned_channel_id(index, processes)
+                assert channel.startswith("aispinner-")
+                assert owns_ari_id(index, processes, channel)
+                assert owns_ari_id(index, processes, channel + "-bridge")
+
+    def test_an_index_outside_the_processes_is_refused(self) -> None:
+        with pytest.raises(ValueError, match=r"not in 0\.\.2"):
+            owned_channel_id(3, 3)
 
 
 class TestFrames:
@@ -96,6 +131,15 @@ class TestFrames:
     def test_a_host_too_long_for_the_header_is_refused(self) -> None:
         with pytest.raises(FrameError, match="host too long"):
             encode_sip(Transport.UDP, ("h" * 256, 1), b"")
+
+    def test_ari_frames_carry_the_event_as_sent(self) -> None:
+        event = b'{"type": "StasisStart", "channel": {"id": "1.2"}}'
+        assert decode(encode_ari(event)) == AriFrame(event)
+
+    def test_an_ari_event_too_large_for_a_frame_is_refused(self) -> None:
+        assert decode(encode_ari(b"x" * (MAX_FRAME - 1))) == AriFrame(b"x" * (MAX_FRAME - 1))
+        with pytest.raises(FrameError, match="does not fit"):
+            encode_ari(b"x" * MAX_FRAME)
 
     def test_control_frames_are_compact_json(self) -> None:
         assert encode_control({"op": "ready", "index": 1}) == b'J{"op":"ready","index":1}'
@@ -216,3 +260,123 @@ class TestHeldUntilReady:
         first = decode(channel.sent[0])
         assert isinstance(first, SipFrame)
         assert parse(first.data).call_id == "call-1"
+
+
+RECORDING = (
+    Path(__file__).resolve().parents[1]
+    / "data/ari/recordings/inbound_answer_bridge_externalmedia_dtmf_caller_hangup_slin16.jsonl"
+)
+CALL = "1795254489.2"
+
+
+def _recorded_events() -> list[str]:
+    """Asterisk 22's events for one inbound call (answered, bridged to ExternalMedia, a DTMF
+    digit, the caller's hang-up), with the bridge and the ExternalMedia channel named as the
+    worker names them (the recording's client let Asterisk name them)."""
+    events = []
+    for line in RECORDING.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("dir") == "event":
+            events.append(
+                json.dumps(record["event"])
+                .replace("1795254489.3", f"{CALL}-media")
+                .replace("7c180b29-d8c6-45e5-a6cd-1655868e4919", f"{CALL}-bridge")
+            )
+    return events
+
+
+class TestAriRelay:
+    """PROTOCOLS.md §5 (ARI events) behind a front: every event of a call reaches the process
+    that owns it, as Asterisk sent it and in order; what names no call goes nowhere."""
+
+    async def _relay(self, processes: int) -> tuple[AriRelay, list[tuple[int, bytes]]]:
+        sent: list[tuple[int, bytes]] = []
+        relay = AriRelay(
+            load_settings(None).ari,
+            processes,
+            lambda index, frame: sent.append((index, frame)),
+            lambda up: None,
+        )
+        return relay, sent
+
+    @pytest.mark.parametrize("processes", [2, 3, 5])
+    async def test_every_event_of_a_call_goes_to_the_process_that_owns_it(
+        self, processes: int
+    ) -> None:
+        relay, sent = await self._relay(processes)
+        events = _recorded_events()
+        try:
+            for event in events:
+                relay.relay(event)
+        finally:
+            await relay.close()
+        routed = [e for e in events if '"ChannelConnectedLine"' not in e]
+        assert {index for index, _ in sent} == {shard_of(CALL, processes)}
+        assert [decode(frame) for _, frame in sent] == [AriFrame(e.encode()) for e in routed]
+        assert relay.counters.events == len(events)
+        assert relay.counters.unknown_events == len(events) - len(routed)
+
+    async def test_what_is_not_an_event_of_a_call_goes_nowhere_and_is_counted(self) -> None:
+        relay, sent = await self._relay(2)
+        huge = json.dumps(
+            {
+                "type": "StasisStart",
+                "args": ["inbound"],
+                "channel": {"id": CALL, "channelvars": {"X": "v" * MAX_FRAME}},
+            }
+        )
+        try:
+            for message in ("not json", '{"no": "type"}', '{"type": "StasisStart"}', huge):
+                relay.relay(message)
+            relay.relay('{"type": "ChannelTalkingStarted", "channel": {"id": "x"}}')
+        finally:
+            await relay.close()
+        assert sent == []
+        assert relay.counters.invalid_events == 3
+        assert relay.counters.unknown_events == 1
+        assert relay.counters.too_large == 1
+
+    async def test_application_replaced_lets_the_application_go(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        relay, sent = await self._relay(2)
+        replaced: list[bool] = []
+        monkeypatch.setattr(relay._events, "replaced", lambda: replaced.append(True))
+        try:
+            relay.relay('{"type": "ApplicationReplaced", "application": "aispinner"}')
+        finally:
+            await relay.close()
+        assert replaced == [True]
+        assert sent == []
+
+
+class TestAriStateToldToProcesses:
+    async def test_held_events_then_the_connection_state_when_a_process_is_ready(self) -> None:
+        """The process a call falls on is still starting: the call's events wait for it; the
+        running one is told the connection is up at once, the other once it is ready, after
+        the events held for it."""
+        front = Front(load_settings(None, processes=2, ingress=["ari"]))
+        channels = [_Channel(), _Channel()]
+        for child, channel in zip(front.children, channels, strict=True):
+            child.channel = channel  # type: ignore[assignment]
+            child.ready = asyncio.get_running_loop().create_future()
+        owner = shard_of(CALL, 2)
+        other = 1 - owner
+        relay = front.ari = AriRelay(front.settings.ari, 2, front._send_ari, front._announce_ari)
+        events = _recorded_events()[:3]
+        try:
+            front.children[other].ready.set_result(None)  # type: ignore[union-attr]
+            relay.up = True
+            front._announce_ari(True)
+            for event in events:
+                relay.relay(event)
+            assert channels[owner].sent == []  # held
+            front._control(front.children[owner], ControlFrame({"op": "ready", "index": owner}))
+        finally:
+            await relay.close()
+        told = ControlFrame({"op": "ari", "up": True})
+        assert [decode(f) for f in channels[other].sent] == [told]
+        assert [decode(f) for f in channels[owner].sent] == [
+            *(AriFrame(e.encode()) for e in events),
+            told,
+        ]

@@ -44,6 +44,7 @@ from worker.ari.models import (
     StasisEnd,
     StasisStart,
 )
+from worker.ari.route import BRIDGE_SUFFIX, MEDIA_SUFFIX, bridge_name
 from worker.config import AriSettings
 from worker.legs import (
     Address,
@@ -108,8 +109,8 @@ class AriLeg:
     ) -> None:
         self._host = host
         self.channel_id = channel_id
-        self.bridge_id = f"{channel_id}-bridge"
-        self.media_id = f"{channel_id}-media"
+        self.bridge_id = channel_id + BRIDGE_SUFFIX
+        self.media_id = channel_id + MEDIA_SUFFIX
         self.with_media = with_media
         self.phase = Phase.NEW
         self._log = log
@@ -294,7 +295,9 @@ class AriLeg:
         external = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self._info = replace(self._info, local_address=(host, port))
         bridge, channel = await asyncio.gather(
-            client.create_bridge(self.bridge_id, settings.bridge_type, f"call-{self.channel_id}"),
+            client.create_bridge(
+                self.bridge_id, settings.bridge_type, bridge_name(self.channel_id)
+            ),
             client.external_media(
                 settings.app, external, settings.media_format, channel_id=self.media_id
             ),

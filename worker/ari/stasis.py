@@ -1,20 +1,24 @@
-"""``StasisApp``: the worker's Stasis application in one Asterisk. It keeps the events WebSocket
-connected, routes each event to the leg whose channel or bridge it names, starts a call (an
-``AriLeg`` handed to the same router as SIP calls) when a channel enters the application with
-``inbound``, and places calls through Asterisk (originate).
+"""``StasisApp``: the worker's Stasis application in one Asterisk. It routes each event to the leg
+whose channel or bridge it names, starts a call (an ``AriLeg`` handed to the same router as SIP
+calls) when a channel enters the application with ``inbound``, and places calls through
+Asterisk (originate).
 
-Connection: ``/ari/events?app=<app>&subscribeAll=false`` with the ARI user's credentials. When it
-drops or cannot be made, it is tried again after 1, 2, 4 ... ``ari.reconnect_max_s`` seconds;
-each kind of failure is logged once at warning level until the connection comes back. Calls keep
-their audio meanwhile (their media never depended on the socket). After every connect the
-application pushes the configured trunks and resyncs, since Asterisk replays nothing: legs whose
-channel left the application during the gap end as Asterisk ended them, channels in the
+Events. A worker in one process keeps the events WebSocket itself (``events.py``). Behind a
+front (``processes`` > 1) every media process runs a ``StasisApp`` for the calls that fall on
+it (``owns``: ``worker.front.shard`` of the call's key, ``route.py``): the front holds the one
+events connection and hands each event to the process that owns it (``dispatch``), and tells
+every process when the connection comes and goes (``set_connected``). The REST calls go from
+each process straight to Asterisk; a call this process originates gets a channel id that falls
+on it (``new_channel_id``).
+
+After every connect the worker pushes the configured trunks (the front, or this application in
+one process) and each application resyncs its own calls, since Asterisk replays nothing: legs
+whose channel left the application during the gap end as Asterisk ended them, channels in the
 application that the worker does not know are adopted (an inbound call still ringing) or hung up
-(left over from an earlier worker process), and bridges it does not know are destroyed.
-
-A second client subscribing to the same application takes it over (Asterisk sends
-``ApplicationReplaced`` and nothing more): the worker logs it as an error and waits the longest
-backoff before taking it back, so two workers configured alike do not fight every second.
+(left over from an earlier worker process, or from a media process that died), and bridges it
+does not know are destroyed; behind a front, each process does this for the channels and
+bridges that fall on it. Calls keep their audio while the connection is down (their media never
+depended on it).
 """
 
 from __future__ import annotations
@@ -28,25 +32,19 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import websockets
-from websockets.exceptions import InvalidHandshake, InvalidStatus
-
 from worker.ari.client import AriClient, AriError, AriNotFoundError, AriUnreachableError
+from worker.ari.events import EventsConnection
 from worker.ari.leg import AriLeg
 from worker.ari.media import ExternalMedia
 from worker.ari.models import (
     ApplicationReplaced,
-    AriEvent,
     AriProtocolError,
-    BridgeDestroyed,
     Channel,
-    ChannelEnteredBridge,
-    ChannelLeftBridge,
-    Dial,
     StasisStart,
     UnknownEvent,
     parse_event,
 )
+from worker.ari.route import BRIDGE_SUFFIX, bridge_name, call_key, subject
 from worker.ari.trunks import push_trunks
 from worker.config import AriSettings, Settings
 from worker.errors import RemoteError
@@ -58,7 +56,14 @@ log = logging.getLogger("worker.ari")
 
 IncomingHandler = Callable[[Leg], Awaitable[None]]
 _DIALABLE = re.compile(r"[A-Za-z0-9+*#._-]{1,64}")
-_MAX_EVENT_BYTES = 4 * 1024 * 1024
+
+
+def _any_id(resource_id: str) -> bool:
+    return True
+
+
+def _random_channel_id() -> str:
+    return f"aispinner-{uuid.uuid4().hex}"
 
 
 @dataclass(slots=True)
@@ -73,8 +78,13 @@ class StasisCounters:
 
 
 class StasisApp:
-    """See the module docstring. ``start`` checks the credentials and starts the connection
-    loop; ``close`` stops it and waits for the legs' cleanup."""
+    """See the module docstring. ``start`` checks the credentials and starts the events
+    connection (in one process); ``close`` stops it and waits for the legs' cleanup.
+
+    ``own_events``: keep the events connection here (False behind a front, which feeds
+    ``dispatch`` and ``set_connected``). ``owns``: whether a channel or bridge id falls on this
+    process (resync leaves the others to their owners); ``new_channel_id``: an id for a channel
+    this process originates, one that falls on it."""
 
     def __init__(
         self,
@@ -83,6 +93,9 @@ class StasisApp:
         on_incoming: IncomingHandler,
         *,
         client: AriClient | None = None,
+        own_events: bool = True,
+        owns: Callable[[str], bool] = _any_id,
+        new_channel_id: Callable[[], str] = _random_channel_id,
     ) -> None:
         ari = settings.ari
         self._settings = ari
@@ -92,14 +105,17 @@ class StasisApp:
         self._client = client or AriClient(
             ari.url, ari.username, ari.password, timeout=ari.request_timeout_s
         )
+        self._owns_id = owns
+        self._new_channel_id = new_channel_id
         self._by_id: dict[str, AriLeg] = {}  # channel, ExternalMedia and bridge ids
         self.legs: set[AriLeg] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._run: asyncio.Task[None] | None = None
-        self._ws: websockets.ClientConnection | None = None
-        self._replaced = False
-        self._throttle = LogThrottle()
+        self._events: EventsConnection | None = None
         self.connected = asyncio.Event()
+        if own_events:
+            self._events = EventsConnection(self._client, ari, self.dispatch, self._on_state)
+            self.connected = self._events.connected
+        self._throttle = LogThrottle()
         self.counters = StasisCounters()
 
     # -- AriLegHost ------------------------------------------------------------------------------
@@ -133,7 +149,10 @@ class StasisApp:
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         """Check that Asterisk takes our credentials (``AriAuthError`` if not) and start the
-        connection loop. Asterisk being unreachable is not an error: the loop keeps trying."""
+        connection loop. Asterisk being unreachable is not an error: the loop keeps trying.
+        Behind a front, which checks and connects, there is nothing to start."""
+        if self._events is None:
+            return
         try:
             info = await self._client.info()
         except AriUnreachableError as exc:
@@ -146,14 +165,12 @@ class StasisApp:
                 "Asterisk reachable",
                 extra={"url": self._client.url, "version": info.system.version},
             )
-        self._run = asyncio.get_running_loop().create_task(self._connection_loop())
+        self._events.start()
 
     async def close(self, grace_s: float = 3.0) -> None:
         """Stop listening; hang up what is left; wait (bounded) for the legs' cleanup."""
-        if self._run is not None:
-            self._run.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._run
+        if self._events is not None:
+            await self._events.close()
         for leg in list(self.legs):
             leg.hangup("shutdown", 503)
         teardowns = [leg.teardown for leg in self.legs if leg.teardown is not None]
@@ -184,7 +201,7 @@ class StasisApp:
             raise AriUnreachableError(
                 "POST", "/channels", 0, "the events connection to Asterisk is down"
             )
-        channel_id = f"aispinner-{uuid.uuid4().hex}"
+        channel_id = self._new_channel_id()
         leg = AriLeg(
             self,
             channel_id=channel_id,
@@ -212,62 +229,25 @@ class StasisApp:
         return leg
 
     # -- the events connection -------------------------------------------------------------------
-    async def _connection_loop(self) -> None:
-        delay = 1.0
-        failures: set[str] = set()
-        client = self._client
-        while True:
-            kind = ""
-            try:
-                async with websockets.connect(
-                    client.events_url(self._settings.app),
-                    additional_headers=client.events_headers(),
-                    open_timeout=self._settings.request_timeout_s,
-                    max_size=_MAX_EVENT_BYTES,
-                ) as ws:
-                    self._ws = ws
-                    self._replaced = False
-                    self.counters.connects += 1
-                    self.connected.set()
-                    log.info("connected to Asterisk's events", extra={"app": self._settings.app})
-                    delay = 1.0
-                    failures.clear()
-                    self._spawn(self._after_connect())
-                    async for message in ws:
-                        self.dispatch(message)
-                    kind = "closed by Asterisk"
-            except InvalidStatus as exc:
-                status = exc.response.status_code
-                kind = f"HTTP {status}"
-                if status == 401:
-                    kind += ": credentials refused (ari.username / ari.password)"
-            except (OSError, InvalidHandshake, TimeoutError) as exc:
-                kind = type(exc).__name__
-            except websockets.ConnectionClosed:
-                kind = "connection lost"
-            finally:
-                self._ws = None
-                self.connected.clear()
-            if self._replaced:
-                log.error(
-                    "another client took over the Stasis application; taking it back later",
-                    extra={"app": self._settings.app, "after_s": self._settings.reconnect_max_s},
-                )
-                delay = self._settings.reconnect_max_s
-            elif kind not in failures:
-                failures.add(kind)
-                log.warning(
-                    "Asterisk's events connection failed; retrying",
-                    extra={"url": client.url, "reason": kind, "retry_in_s": delay},
-                )
-            else:
-                log.debug("still cannot connect to Asterisk", extra={"reason": kind})
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self._settings.reconnect_max_s)
+    def _on_state(self, up: bool) -> None:
+        """The events connection (this process's own) came up or went down."""
+        if up:
+            self.counters.connects += 1
+            self._spawn(self._after_connect())
 
     async def _after_connect(self) -> None:
         await push_trunks(self._client, self._settings.trunks)
         await self.resync()
+
+    def set_connected(self, up: bool) -> None:
+        """Behind a front: its events connection came up (the trunks are pushed: resync this
+        process's calls) or went down."""
+        if up and not self.connected.is_set():
+            self.counters.connects += 1
+            self.connected.set()
+            self._spawn(self.resync())
+        elif not up:
+            self.connected.clear()
 
     def dispatch(self, message: str | bytes) -> None:
         """One message from the events socket."""
@@ -284,11 +264,11 @@ class StasisApp:
             self.counters.unknown_events += 1
             return
         if isinstance(event, ApplicationReplaced):
-            self._replaced = True
-            if self._ws is not None:
-                self._spawn(self._ws.close())
+            if self._events is not None:
+                self._events.replaced()
             return
-        leg = self._leg_for(event)
+        key = subject(event)
+        leg = self._by_id.get(key) if key is not None else None
         if leg is None:
             if isinstance(event, StasisStart):
                 self._stasis_start(event)
@@ -296,18 +276,6 @@ class StasisApp:
                 self.counters.unrouted_events += 1
             return
         leg.on_event(event)
-
-    def _leg_for(self, event: AriEvent) -> AriLeg | None:
-        if isinstance(event, Dial):
-            return self._by_id.get(event.peer.id)
-        if isinstance(event, BridgeDestroyed):
-            return self._by_id.get(event.bridge.id)
-        if isinstance(event, ChannelEnteredBridge | ChannelLeftBridge):
-            return self._by_id.get(event.bridge.id)
-        channel = getattr(event, "channel", None)
-        if isinstance(channel, Channel):
-            return self._by_id.get(channel.id)
-        return None
 
     def _stasis_start(self, event: StasisStart) -> None:
         if event.args[:1] == ["inbound"]:
@@ -366,7 +334,7 @@ class StasisApp:
         except AriError as exc:
             log.warning("resync failed", extra={"error": str(exc)})
             return
-        present = set(app.channel_ids)
+        present = {channel_id for channel_id in app.channel_ids if self._owns_id(channel_id)}
         for leg in known:
             if leg.ended or leg.channel_id in present:
                 continue
@@ -402,10 +370,23 @@ class StasisApp:
                 )
                 self.counters.orphans_removed += 1
                 await self._delete_channel(channel_id)
-        for bridge_id in sorted(set(app.bridge_ids) - self._by_id.keys()):
-            log.warning(
-                "orphan bridge in the application; destroying it", extra={"bridge": bridge_id}
-            )
+        theirs = {bridge_id for bridge_id in app.bridge_ids if not self._owns_id(bridge_id)}
+        orphans = set(app.bridge_ids) - self._by_id.keys() - theirs
+        # A bridge created for a call that died before a channel joined it is in no
+        # application: found among all of Asterisk's bridges by its id and name (empty ones).
+        with contextlib.suppress(AriError):
+            for bridge in await client.bridges():
+                key = call_key(bridge.id)
+                if (
+                    bridge.id == key + BRIDGE_SUFFIX
+                    and bridge.name == bridge_name(key)
+                    and not bridge.channels
+                    and bridge.id not in self._by_id
+                    and self._owns_id(bridge.id)
+                ):
+                    orphans.add(bridge.id)
+        for bridge_id in sorted(orphans):
+            log.warning("orphan bridge; destroying it", extra={"bridge": bridge_id})
             self.counters.orphans_removed += 1
             with contextlib.suppress(AriError):
                 await client.destroy_bridge(bridge_id)

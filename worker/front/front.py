@@ -7,7 +7,10 @@ So the front only moves signalling: each SIP message it receives goes, whole, to
 process that owns its Call-ID (``shard.py``: a pure function, so the front keeps no state per
 call and survives nothing it has to rebuild), and each message a media process sends is put
 on the wire by the front from the same address. RTP goes straight between the phone and the
-media process: each process has its own slice of the RTP port range.
+media process: each process has its own slice of the RTP port range. Calls through Asterisk
+are spread the same way: the front holds the Stasis application's one events connection and
+hands each event to the process that owns the call it names (``ari_relay.py``); that process
+makes the REST calls and carries the ExternalMedia RTP itself.
 
 The front also runs the private PostgreSQL (when there is no ``database_url``), the hub, the
 API, webhooks and the upstream push (``Backend(role="front")``); the media processes write
@@ -18,9 +21,10 @@ Supervision: a media process that exits (a crash, a SIGKILL) loses only its own 
 started again with the same index (after 0.5 s, doubling to 30 s while it keeps failing
 within 10 s), so it owns the same Call-IDs and answers their in-dialog requests 481. Until it
 is ready (at start-up too: the SIP socket opens first, so a taken address fails at once), its
-messages are held, up to ``HELD_MAX`` and ``HELD_MAX_AGE_S``, and handed over in order when it
-is; older ones are dropped and counted (the peer has retransmitted them by then). SIGTERM
-or SIGINT drains: every media process stops taking calls (503), lets live calls end within
+messages (and ARI events) are held, up to ``HELD_MAX`` and ``HELD_MAX_AGE_S``, and handed over
+in order when it is; older ones are dropped and counted (the peer has retransmitted them by
+then; an Asterisk call still ringing is found again by the process's resync). SIGTERM or SIGINT
+drains: every media process stops taking calls (503), lets live calls end within
 ``drain_grace_s``, hangs up the rest and flushes; the front keeps carrying their signalling
 until the last one exits, then stops.
 """
@@ -40,12 +44,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker import gcpause, priority
+from worker.ari.client import AriAuthError
 from worker.backend import Backend, BackendError
 from worker.config import Settings
 from worker.errors import ConfigError, RemoteError, WorkerError
 from worker.events.bus import EventBus
+from worker.front.ari_relay import AriRelay
 from worker.front.channel import Channel
-from worker.front.ipc import ControlFrame, Frame, SipFrame, encode_control, encode_sip
+from worker.front.ipc import AriFrame, ControlFrame, Frame, SipFrame, encode_control, encode_sip
 from worker.front.shard import shard_of
 from worker.legs import Address
 from worker.metrics import MetricsServer, merge_expositions, process_metrics
@@ -158,6 +164,7 @@ class Front:
         self.clock = time.monotonic  # when held messages came (tests set it)
         self.malformed = 0
         self.metrics_server: MetricsServer | None = None
+        self.ari: AriRelay | None = None
 
     # -- start -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -187,6 +194,18 @@ class Front:
                 "set sip.host / sip.port (AISPINNER_SIP__HOST / AISPINNER_SIP__PORT) "
                 "to a free address"
             ) from exc
+        if "ari" in settings.ingress:
+            self.ari = AriRelay(settings.ari, self.processes, self._send_ari, self._announce_ari)
+            try:
+                await self.ari.start()
+            except AriAuthError as exc:
+                await self.close()
+                raise FrontError(
+                    f"Asterisk at {settings.ari.url} refused the ARI credentials "
+                    f"({exc.status} {exc.message}): set ari.username / ari.password "
+                    "(AISPINNER_ARI__USERNAME / AISPINNER_ARI__PASSWORD) to a user of its "
+                    "ari.conf"
+                ) from exc
         metrics = settings.metrics
         if metrics.enabled:
             server = MetricsServer(self.render_metrics, metrics.host, metrics.port)
@@ -306,8 +325,14 @@ class Front:
     # -- signalling ---------------------------------------------------------------------------
     def _route(self, message: Message, source: Address, transport: Transport) -> None:
         child = self.children[shard_of(message.call_id, self.processes)]
+        self._send_to(child, encode_sip(transport, source, message.raw))
+
+    def _send_ari(self, index: int, frame: bytes) -> None:
+        self._send_to(self.children[index], frame)
+
+    def _send_to(self, child: MediaChild, frame: bytes) -> None:
+        """A frame for ``child``: now, or held until it is ready (in order, bounded)."""
         channel = child.channel
-        frame = encode_sip(transport, source, message.raw)
         if channel is None or channel.closed or child.ready is None or not child.ready.done():
             if len(child.held) == HELD_MAX:
                 child.dropped += 1  # the oldest goes
@@ -343,6 +368,14 @@ class Front:
                 },
             )
 
+    def _announce_ari(self, up: bool) -> None:
+        """Asterisk's events connection came (the trunks pushed) or went: every running media
+        process is told (on ``up`` it resyncs its calls)."""
+        for child in self.children:
+            if child.up:
+                assert child.channel is not None
+                child.channel.send(encode_control({"op": "ari", "up": up}))
+
     def _malformed(self, error: SipMessageError, source: Address, transport: Transport) -> None:
         self.malformed += 1
         response = error_response(error, to_tag=generate_tag())
@@ -353,14 +386,18 @@ class Front:
         if isinstance(frame, SipFrame):
             if self.transport is not None:
                 self.transport.send(frame.data, frame.peer, frame.transport)
-            return
-        self._control(child, frame)
+        elif isinstance(frame, AriFrame):
+            log.warning("ARI frame from a media process ignored", extra={"index": child.index})
+        else:
+            self._control(child, frame)
 
     def _control(self, child: MediaChild, frame: ControlFrame) -> None:
         if frame.op == "ready":
             if child.ready is not None and not child.ready.done():
                 child.ready.set_result(None)
                 self._hand_over(child)
+                if self.ari is not None and self.ari.up and child.channel is not None:
+                    child.channel.send(encode_control({"op": "ari", "up": True}))
         elif frame.op == "failed":
             if child.ready is not None and not child.ready.done():
                 child.ready.set_exception(RuntimeError(str(frame.message.get("error"))))
@@ -482,6 +519,8 @@ class Front:
             task.cancel()
         if self._supervisors:
             await asyncio.gather(*self._supervisors, return_exceptions=True)
+        if self.ari is not None:  # after the media processes: their calls' events to the end
+            await self.ari.close()
         if self.transport is not None:
             await self.transport.close()
         if self.metrics_server is not None:

@@ -1,14 +1,16 @@
 """The frames between the front and a media process, over one ``SOCK_SEQPACKET`` Unix socket
 (the kernel keeps each frame whole and in order; a frame is at most ``MAX_FRAME`` bytes).
 
-Two kinds, told apart by the first byte:
+Three kinds, told apart by the first byte:
 
 - ``S`` a SIP message: ``S``, the transport (``U`` UDP, ``T`` TCP), the peer's port (2 bytes,
   big-endian), the length of the peer's host (1 byte), the host (ASCII), then the message's
   bytes as they were (or are to be) on the wire. Front → media: received from that peer;
   media → front: to be sent to that peer.
+- ``A`` an ARI event: ``A`` and the message as Asterisk sent it on the events WebSocket. Front →
+  media only: an event about a call that falls on that process (``worker/front/ari_relay.py``).
 - ``J`` a control message: ``J`` and one JSON object with an ``op`` (``settings``, ``ready``,
-  ``call``, ``called``, ``drain``, ``stats``).
+  ``failed``, ``call``, ``called``, ``metrics``, ``drain``, ``ari``).
 
 Encoding and decoding are pure; a frame that does not decode raises ``FrameError``.
 """
@@ -27,6 +29,7 @@ MAX_FRAME = 128 * 1024
 
 _SIP = ord("S")
 _CONTROL = ord("J")
+_ARI = ord("A")
 _HEAD = struct.Struct("!BBHB")
 _TRANSPORTS = {Transport.UDP: ord("U"), Transport.TCP: ord("T")}
 _BY_CODE = {code: transport for transport, code in _TRANSPORTS.items()}
@@ -52,7 +55,12 @@ class ControlFrame:
         return str(self.message.get("op", ""))
 
 
-Frame = SipFrame | ControlFrame
+@dataclass(frozen=True, slots=True)
+class AriFrame:
+    data: bytes
+
+
+Frame = SipFrame | ControlFrame | AriFrame
 
 
 def encode_sip(transport: Transport, peer: tuple[str, int], data: bytes) -> bytes:
@@ -66,6 +74,13 @@ def encode_control(message: dict[str, Any]) -> bytes:
     return b"J" + json.dumps(message, separators=(",", ":")).encode()
 
 
+def encode_ari(message: bytes) -> bytes:
+    """An ARI event's frame; ``FrameError`` if it would not fit in one (``MAX_FRAME``)."""
+    if len(message) + 1 > MAX_FRAME:
+        raise FrameError(f"ARI event of {len(message)} bytes does not fit in a frame")
+    return b"A" + message
+
+
 def decode(frame: bytes) -> Frame:
     if not frame:
         raise FrameError("empty frame")
@@ -77,6 +92,8 @@ def decode(frame: bytes) -> Frame:
         if not isinstance(message, dict):
             raise FrameError("a control frame is a JSON object")
         return ControlFrame(message)
+    if frame[0] == _ARI:
+        return AriFrame(frame[1:])
     if frame[0] != _SIP:
         raise FrameError(f"unknown frame kind {frame[0]:#x}")
     if len(frame) < _HEAD.size:

@@ -7,6 +7,9 @@ answers ``ready`` once the worker runs, then serves:
 
 - SIP frames: messages the front received for calls that fall on this process, parsed here;
   what the user agent sends goes back as SIP frames for the front to put on the wire.
+- ARI frames: the events of the Asterisk calls that fall on this process, from the front's one
+  events connection, to its Stasis application; ``ari`` (``up``: true or false) when that
+  connection comes or goes (on true the application resyncs its calls).
 - ``call``: place an outbound call (the API's ``POST /telephony/calls``), answered ``called``
   with the call id or the error.
 - ``drain`` (or SIGTERM): take no new calls (503), let live calls end within ``grace_s``, then
@@ -37,6 +40,7 @@ from worker.errors import ConfigError, RemoteError
 from worker.front.channel import Channel
 from worker.front.ipc import (
     MAX_FRAME,
+    AriFrame,
     ControlFrame,
     Frame,
     FrameError,
@@ -45,7 +49,7 @@ from worker.front.ipc import (
     encode_control,
     encode_sip,
 )
-from worker.front.shard import owned_call_id
+from worker.front.shard import owned_call_id, owned_channel_id, owns_ari_id
 from worker.legs import Address
 from worker.log import setup_logging
 from worker.metrics import process_metrics
@@ -130,6 +134,8 @@ class MediaProcess:
             self.processes,
             self._make_wire,
             functools.partial(owned_call_id, self.index, self.processes),
+            functools.partial(owns_ari_id, self.index, self.processes),
+            functools.partial(owned_channel_id, self.index, self.processes),
         )
         self.worker = Worker(self.settings, shard)
         self.channel = Channel(sock, self._on_frame, self._on_closed)
@@ -172,8 +178,11 @@ class MediaProcess:
         if isinstance(frame, SipFrame):
             if self.wire is not None:
                 self.wire.deliver(frame)
-            return
-        self._control(frame)
+        elif isinstance(frame, AriFrame):
+            if self.worker.stasis is not None:
+                self.worker.stasis.dispatch(frame.data)
+        else:
+            self._control(frame)
 
     def _control(self, frame: ControlFrame) -> None:
         if frame.op == "call":
@@ -183,6 +192,9 @@ class MediaProcess:
             self.channel.send(
                 encode_control({"op": "metrics", "id": frame.message.get("id"), "text": text})
             )
+        elif frame.op == "ari":
+            if self.worker.stasis is not None:
+                self.worker.stasis.set_connected(frame.message.get("up") is True)
         elif frame.op == "drain":
             self.grace_s = float(frame.message.get("grace_s", self.grace_s))
             self.drain()

@@ -1,0 +1,130 @@
+"""``EventsConnection``: the Stasis application's one events WebSocket to Asterisk
+(``/ari/events?app=<app>&subscribeAll=false``), kept connected. Each message goes to
+``on_message`` as received; ``on_state(True)`` after every connect and ``on_state(False)``
+when it drops. Whoever reads the messages parses them; on ``ApplicationReplaced`` it calls
+``replaced()``.
+
+When the connection drops or cannot be made, it is tried again after 1, 2, 4 ...
+``ari.reconnect_max_s`` seconds; each kind of failure is logged once at warning level until the
+connection comes back. A second client subscribing to the same application takes it over
+(Asterisk sends ``ApplicationReplaced`` and nothing more): that is logged as an error, and the
+longest backoff is waited before taking it back, so two workers configured alike do not fight
+every second.
+
+A worker in one process runs it inside its ``StasisApp``; a worker with media processes runs
+it in the front (``worker/front/ari_relay.py``), which hands each event to the process whose
+call it is about.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import websockets
+from websockets.exceptions import InvalidHandshake, InvalidStatus
+
+from worker.ari.client import AriClient
+from worker.config import AriSettings
+
+log = logging.getLogger("worker.ari")
+
+MAX_EVENT_BYTES = 4 * 1024 * 1024
+
+
+class EventsConnection:
+    """See the module docstring. ``start`` starts the connection loop; ``close`` stops it."""
+
+    def __init__(
+        self,
+        client: AriClient,
+        settings: AriSettings,
+        on_message: Callable[[str | bytes], None],
+        on_state: Callable[[bool], None],
+    ) -> None:
+        self._client = client
+        self._settings = settings
+        self._on_message = on_message
+        self._on_state = on_state
+        self._run: asyncio.Task[None] | None = None
+        self._ws: websockets.ClientConnection | None = None
+        self._replaced = False
+        self._closing: set[asyncio.Task[None]] = set()
+        self.connected = asyncio.Event()
+        self.connects = 0
+
+    def start(self) -> None:
+        self._run = asyncio.get_running_loop().create_task(self._loop(), name="ari-events")
+
+    async def close(self) -> None:
+        if self._run is not None:
+            self._run.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._run
+            self._run = None
+
+    def replaced(self) -> None:
+        """Another client took the application over: let go, and take it back later."""
+        self._replaced = True
+        if self._ws is not None:
+            task = asyncio.get_running_loop().create_task(self._ws.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _loop(self) -> None:
+        delay = 1.0
+        failures: set[str] = set()
+        client = self._client
+        while True:
+            kind = ""
+            try:
+                async with websockets.connect(
+                    client.events_url(self._settings.app),
+                    additional_headers=client.events_headers(),
+                    open_timeout=self._settings.request_timeout_s,
+                    max_size=MAX_EVENT_BYTES,
+                ) as ws:
+                    self._ws = ws
+                    self._replaced = False
+                    self.connects += 1
+                    self.connected.set()
+                    log.info("connected to Asterisk's events", extra={"app": self._settings.app})
+                    delay = 1.0
+                    failures.clear()
+                    self._on_state(True)
+                    async for message in ws:
+                        self._on_message(message)
+                    kind = "closed by Asterisk"
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                kind = f"HTTP {status}"
+                if status == 401:
+                    kind += ": credentials refused (ari.username / ari.password)"
+            except (OSError, InvalidHandshake, TimeoutError) as exc:
+                kind = type(exc).__name__
+            except websockets.ConnectionClosed:
+                kind = "connection lost"
+            finally:
+                was_connected = self.connected.is_set()
+                self._ws = None
+                self.connected.clear()
+                if was_connected:
+                    self._on_state(False)
+            if self._replaced:
+                log.error(
+                    "another client took over the Stasis application; taking it back later",
+                    extra={"app": self._settings.app, "after_s": self._settings.reconnect_max_s},
+                )
+                delay = self._settings.reconnect_max_s
+            elif kind not in failures:
+                failures.add(kind)
+                log.warning(
+                    "Asterisk's events connection failed; retrying",
+                    extra={"url": client.url, "reason": kind, "retry_in_s": delay},
+                )
+            else:
+                log.debug("still cannot connect to Asterisk", extra={"reason": kind})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self._settings.reconnect_max_s)

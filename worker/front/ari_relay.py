@@ -1,0 +1,156 @@
+"""The front's end of the Stasis application, when the worker has media processes and the
+``ari`` ingress: the one events connection to Asterisk (an application has one subscriber), and
+each event handed, as Asterisk sent it, to the media process whose call it is about.
+
+Which process: ``worker.front.shard.shard_of`` of the call's key (``worker.ari.route``: the
+channel id the event names, with its bridge's and ExternalMedia channel's suffix taken off), the
+same pure function the processes use to draw the ids of the calls they originate, so no table
+is kept here. A call's events keep their order (one socket per process, frames in order). After
+every connect the trunks are pushed, then every process is told (``announce(True)``) and
+resyncs the calls that fall on it; a process that starts (or starts again after a crash) is
+told when it is ready.
+
+What goes nowhere, counted: a message that is not a valid ARI event (logged, throttled), an
+event type the worker does not use, an event that names no channel or bridge, and an event too
+large for one frame (``worker.front.ipc.MAX_FRAME``, logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from worker.ari.client import AriClient, AriUnreachableError
+from worker.ari.events import EventsConnection
+from worker.ari.models import ApplicationReplaced, AriProtocolError, UnknownEvent, parse_event
+from worker.ari.route import call_key, subject
+from worker.ari.trunks import push_trunks
+from worker.config import AriSettings
+from worker.front.ipc import FrameError, encode_ari
+from worker.front.shard import shard_of
+from worker.log import LogThrottle
+
+log = logging.getLogger("worker.front.ari")
+
+
+@dataclass(slots=True)
+class RelayCounters:
+    events: int = 0
+    invalid_events: int = 0
+    unknown_events: int = 0
+    unrouted_events: int = 0
+    too_large: int = 0
+
+
+class AriRelay:
+    """See the module docstring. ``send(index, frame)`` gives a frame to media process
+    ``index`` (held by the front while it is not ready); ``announce(up)`` tells them all."""
+
+    def __init__(
+        self,
+        settings: AriSettings,
+        processes: int,
+        send: Callable[[int, bytes], None],
+        announce: Callable[[bool], None],
+        *,
+        client: AriClient | None = None,
+    ) -> None:
+        self._settings = settings
+        self._processes = processes
+        self._send = send
+        self._announce = announce
+        self._client = client or AriClient(
+            settings.url, settings.username, settings.password, timeout=settings.request_timeout_s
+        )
+        self._events = EventsConnection(self._client, settings, self.relay, self._on_state)
+        self.connected = self._events.connected
+        self.up = False
+        """Connected, and the trunks pushed: what a process that becomes ready is told."""
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._throttle = LogThrottle()
+        self.counters = RelayCounters()
+
+    async def start(self) -> None:
+        """Check that Asterisk takes the credentials (``AriAuthError`` if not) and start the
+        connection loop. Asterisk being unreachable is not an error: the loop keeps trying."""
+        try:
+            info = await self._client.info()
+        except AriUnreachableError as exc:
+            log.warning(
+                "Asterisk is not reachable; retrying in the background",
+                extra={"url": self._client.url, "error": exc.message},
+            )
+        else:
+            log.info(
+                "Asterisk reachable",
+                extra={"url": self._client.url, "version": info.system.version},
+            )
+        self._events.start()
+
+    async def close(self) -> None:
+        await self._events.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=3.0)
+        await self._client.aclose()
+
+    def relay(self, message: str | bytes) -> None:
+        """One message from the events socket, to the process whose call it is about."""
+        try:
+            event = parse_event(message)
+        except AriProtocolError as exc:
+            self.counters.invalid_events += 1
+            self._warn("invalid ARI event ignored", str(exc))
+            return
+        self.counters.events += 1
+        if isinstance(event, UnknownEvent):
+            self.counters.unknown_events += 1
+            return
+        if isinstance(event, ApplicationReplaced):
+            self._events.replaced()
+            return
+        key = subject(event)
+        if key is None:
+            self.counters.unrouted_events += 1
+            return
+        data = message.encode() if isinstance(message, str) else message
+        try:
+            frame = encode_ari(data)
+        except FrameError as exc:
+            self.counters.too_large += 1
+            self._warn("ARI event too large to hand over; dropped", str(exc))
+            return
+        self._send(shard_of(call_key(key), self._processes), frame)
+
+    def _warn(self, what: str, error: str) -> None:
+        skipped = self._throttle.allow(what, asyncio.get_running_loop().time())
+        if skipped is not None:
+            log.warning(what, extra={"error": error, "similar_lines_skipped": skipped})
+
+    def _on_state(self, up: bool) -> None:
+        if up:
+            self._spawn(self._after_connect())
+        else:
+            self.up = False
+            self._announce(False)
+
+    async def _after_connect(self) -> None:
+        await push_trunks(self._client, self._settings.trunks)
+        if self.connected.is_set():
+            self.up = True
+            self._announce(True)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+
+        def done(task: asyncio.Task[Any]) -> None:
+            self._tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("ARI task failed", exc_info=task.exception())
+
+        task.add_done_callback(done)
