@@ -194,6 +194,14 @@ class Worker:
                     "ari.conf"
                 ) from exc
 
+    def stop_taking_calls(self) -> None:
+        """Draining: a new call gets 503 from the SIP user agent, and one from Asterisk is hung
+        up with ``congestion`` (503 to its caller); the calls up go on."""
+        if self.ua is not None:
+            self.ua.core.draining = True
+        if self.stasis is not None:
+            self.stasis.draining = True
+
     async def close(self) -> None:
         """Hang up every call, let their sessions report the end to their agents (bounded by
         ``SHUTDOWN_GRACE_S``), then stop. Idempotent."""
@@ -377,8 +385,7 @@ async def serve(settings: Settings, stop: asyncio.Event, now: asyncio.Event) -> 
     try:
         await stop.wait()
         if worker.sessions and settings.drain_grace_s > 0:
-            if worker.ua is not None:
-                worker.ua.core.draining = True
+            worker.stop_taking_calls()
             log.info(
                 "draining: no new calls",
                 extra={"calls": len(worker.sessions), "grace_s": settings.drain_grace_s},

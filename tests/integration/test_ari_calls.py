@@ -271,6 +271,34 @@ class TestEchoRouteThroughAsterisk:
         assert match.score > 0.9, match
 
 
+class TestDraining:
+    """SIGTERM's drain (``Worker.stop_taking_calls``): a call that enters the application is
+    hung up with ``congestion`` (Asterisk gives its caller 503) and gets no session; the call
+    already up goes on to its end."""
+
+    async def test_a_new_call_is_refused_and_the_live_one_goes_on(self, tmp_path: Path) -> None:
+        async with through_asterisk(tmp_path, ECHO) as (asterisk, worker):
+            live = await asterisk.call_in("echo")
+            await answered(worker)
+            worker.stop_taking_calls()
+            late = await asterisk.call_in("echo")
+            await asyncio.wait_for(late.ended.wait(), WAIT)
+            assert not live.ended.is_set()
+            spoken = pattern(1.0, seed=5)
+            await live.send_audio(spoken)
+            await asyncio.sleep(0.3)
+            await live.hang_up()
+            result = (await _results(worker, 1))[0]
+            assert worker.stasis is not None
+            refused = worker.stasis.counters.refused
+        assert late.hangup_reason == "congestion"
+        assert not late.answered
+        assert refused == 1
+        assert result.status == "completed"
+        match = best_match(samples(bytes(live.heard)), samples(spoken)[2000:6000])
+        assert match.score > 0.9, match
+
+
 async def _results(worker: Worker, count: int) -> list[SessionResult]:
     await until(lambda: len(worker.results) >= count, f"{count} calls finished")
     return list(worker.results)

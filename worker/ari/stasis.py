@@ -75,6 +75,7 @@ class StasisCounters:
     connects: int = 0
     adopted: int = 0
     orphans_removed: int = 0
+    refused: int = 0
 
 
 class StasisApp:
@@ -117,6 +118,9 @@ class StasisApp:
             self.connected = self._events.connected
         self._throttle = LogThrottle()
         self.counters = StasisCounters()
+        self.draining = False
+        """Take no new call: one that enters the application is hung up (``congestion``, which
+        Asterisk gives its caller as 503), for another worker or a retry to take."""
 
     # -- AriLegHost ------------------------------------------------------------------------------
     @property
@@ -290,6 +294,11 @@ class StasisApp:
         self._spawn(self._delete_channel(event.channel.id))
 
     def _adopt(self, channel: Channel) -> None:
+        if self.draining:
+            log.info("draining: call from Asterisk refused", extra={"channel": channel.id})
+            self.counters.refused += 1
+            self._spawn(self._delete_channel(channel.id, "congestion"))
+            return
         dialplan = channel.dialplan
         leg = AriLeg(
             self,
@@ -391,9 +400,9 @@ class StasisApp:
             with contextlib.suppress(AriError):
                 await client.destroy_bridge(bridge_id)
 
-    async def _delete_channel(self, channel_id: str) -> None:
+    async def _delete_channel(self, channel_id: str, reason: str = "normal") -> None:
         with contextlib.suppress(AriError):
-            await self._client.hangup(channel_id, "normal")
+            await self._client.hangup(channel_id, reason)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)

@@ -234,8 +234,7 @@ class MediaProcess:
 
     async def _drain(self) -> None:
         worker = self.worker
-        if worker.ua is not None:
-            worker.ua.core.draining = True
+        worker.stop_taking_calls()
         log.info(
             "draining: no new calls",
             extra={"calls": len(worker.sessions), "grace_s": self.grace_s},
