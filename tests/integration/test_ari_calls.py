@@ -44,6 +44,7 @@ from worker.ari.leg import AriLeg
 from worker.ari.trunks import ConfigObject, TrunkPushError, _refused_attribute
 from worker.config import load_settings
 from worker.errors import RemoteError
+from worker.front.front import Front, FrontError
 from worker.session.session import SessionResult
 
 USER, PASSWORD = "aispinner", "secret"
@@ -627,6 +628,31 @@ class TestAsteriskDownAtStart:
             with pytest.raises(StartError, match=r"ari\.username / ari\.password"):
                 async with ari_worker(tmp_path, asterisk.url, ECHO):
                     pass
+
+    async def test_wrong_credentials_stop_a_front_before_its_media_processes(
+        self, tmp_path: Path
+    ) -> None:
+        """With media processes, the front holds the events connection and checks them."""
+        rtp = free_port(span=40)
+        async with AriDouble(username=USER, password="other") as asterisk:
+            settings = load_settings(
+                None,
+                data_dir=str(tmp_path),
+                store=False,
+                processes=2,
+                ingress=["sip", "ari"],
+                sip={"port": free_port()},
+                rtp={"port_min": rtp, "port_max": rtp + 39},
+                metrics={"enabled": False},
+                ari={"url": asterisk.url, "username": USER, "password": PASSWORD},
+            )
+            front = Front(settings)
+            try:
+                with pytest.raises(FrontError, match=r"ari\.username / ari\.password"):
+                    await front.start()
+            finally:
+                await front.close()  # whatever it started, if it started
+        assert all(child.process is None for child in front.children)
 
 
 # --------------------------------------------------------------------------- bad input

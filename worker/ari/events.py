@@ -26,7 +26,7 @@ from collections.abc import Callable
 import websockets
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
-from worker.ari.client import AriClient
+from worker.ari.client import AriClient, AriUnreachableError
 from worker.config import AriSettings
 
 log = logging.getLogger("worker.ari")
@@ -55,7 +55,21 @@ class EventsConnection:
         self.connected = asyncio.Event()
         self.connects = 0
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Check that Asterisk takes the credentials (``AriAuthError`` if not) and start the
+        connection loop. Asterisk being unreachable is not an error: the loop keeps trying."""
+        try:
+            info = await self._client.info()
+        except AriUnreachableError as exc:
+            log.warning(
+                "Asterisk is not reachable; retrying in the background",
+                extra={"url": self._client.url, "error": exc.message},
+            )
+        else:
+            log.info(
+                "Asterisk reachable",
+                extra={"url": self._client.url, "version": info.system.version},
+            )
         self._run = asyncio.get_running_loop().create_task(self._loop(), name="ari-events")
 
     async def close(self) -> None:

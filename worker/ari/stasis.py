@@ -153,23 +153,10 @@ class StasisApp:
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         """Check that Asterisk takes our credentials (``AriAuthError`` if not) and start the
-        connection loop. Asterisk being unreachable is not an error: the loop keeps trying.
-        Behind a front, which checks and connects, there is nothing to start."""
-        if self._events is None:
-            return
-        try:
-            info = await self._client.info()
-        except AriUnreachableError as exc:
-            log.warning(
-                "Asterisk is not reachable; retrying in the background",
-                extra={"url": self._client.url, "error": exc.message},
-            )
-        else:
-            log.info(
-                "Asterisk reachable",
-                extra={"url": self._client.url, "version": info.system.version},
-            )
-        self._events.start()
+        events connection (``EventsConnection.start``). Behind a front, which does both,
+        there is nothing to start."""
+        if self._events is not None:
+            await self._events.start()
 
     async def close(self, grace_s: float = 3.0) -> None:
         """Stop listening; hang up what is left; wait (bounded) for the legs' cleanup."""

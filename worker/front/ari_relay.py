@@ -23,7 +23,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from worker.ari.client import AriClient, AriUnreachableError
+from worker.ari.client import AriClient
 from worker.ari.events import EventsConnection
 from worker.ari.models import ApplicationReplaced, AriProtocolError, UnknownEvent, parse_event
 from worker.ari.route import call_key, subject
@@ -74,21 +74,9 @@ class AriRelay:
         self.counters = RelayCounters()
 
     async def start(self) -> None:
-        """Check that Asterisk takes the credentials (``AriAuthError`` if not) and start the
-        connection loop. Asterisk being unreachable is not an error: the loop keeps trying."""
-        try:
-            info = await self._client.info()
-        except AriUnreachableError as exc:
-            log.warning(
-                "Asterisk is not reachable; retrying in the background",
-                extra={"url": self._client.url, "error": exc.message},
-            )
-        else:
-            log.info(
-                "Asterisk reachable",
-                extra={"url": self._client.url, "version": info.system.version},
-            )
-        self._events.start()
+        """Check the credentials (``AriAuthError`` if Asterisk refuses them) and start the
+        events connection (``EventsConnection.start``)."""
+        await self._events.start()
 
     async def close(self) -> None:
         await self._events.close()
