@@ -20,8 +20,11 @@ answers, creates the bridge, creates the ExternalMedia channel and adds both cha
 request after the other, then sends its first packet at once. The ratio worker / baseline is
 printed (below 1: the worker's concurrent set-up beats the sequential one despite its tick).
 
+With ``--processes`` above 1 the worker runs as deployed on a multi-core host: its front holds
+the events connection and hands each event to the media process of its call, one hop more.
+
 Run: ``.venv/bin/python scripts/bench_ari.py [--calls 100] [--format slin16|ulaw]
-[--json PATH]``.
+[--processes 1] [--json PATH]``.
 """
 
 from __future__ import annotations
@@ -182,6 +185,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             worker = WorkerProcess(
                 Path(tmp),
                 rtp_ports=400,
+                processes=args.processes,
                 top='ingress = ["sip", "ari"]',
                 tail=(
                     f'\n[ari]\nurl = "{asterisk.url}"\nusername = "{USER}"\n'
@@ -196,7 +200,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     meter = CpuMeter(worker)
                     results: dict[str, list[dict[str, float]]] = {"worker": [], "baseline": []}
-                    print(f"{args.calls} calls each, {args.format}, one at a time, alternating")
+                    print(
+                        f"{args.calls} calls each, {args.format}, one at a time, alternating;"
+                        f" the worker with {args.processes} media process(es)"
+                    )
                     meter.start()
                     for i in range(args.calls):
                         results["worker"].append(
@@ -219,6 +226,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "bench_ari",
         "calls": args.calls,
         "format": args.format,
+        "processes": args.processes,
         "host": platform.node(),
         "worker_exit_code": code,
         "worker_cpu_share": round(cpu, 3),
@@ -244,6 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--calls", type=int, default=100)
     parser.add_argument("--format", choices=("slin16", "ulaw"), default="slin16")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="the worker's media processes (1: one process; more: a front holds the events "
+        "connection and hands each call's events to its process)",
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args(argv)
     started = time.monotonic()
