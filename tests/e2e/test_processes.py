@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -34,18 +35,27 @@ from worker.front.shard import shard_of
 
 WAIT = 20.0
 ARI_USER, ARI_PASSWORD = "aispinner", "secret"
+API_SECRET = "test-processes-secret-long-enough-for-hs256"
 
 
 class FrontProcess:
     """``aispinner-worker run`` with ``processes = 2``, an echo route, events to JSONL; with
     ``asterisk`` (an ARI URL) it takes that Asterisk's calls too."""
 
-    def __init__(self, folder: Path, processes: int = 2, asterisk: str | None = None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        processes: int = 2,
+        asterisk: str | None = None,
+        database_url: str | None = None,
+    ) -> None:
+        """``database_url``: the journal there, and the API (JWT secret ``API_SECRET``)."""
         folder.mkdir(parents=True, exist_ok=True)
         self.folder = folder
         self.processes = processes
         self.sip_port = free_port()
         self.metrics_port = free_port()
+        self.api_port = free_port()
         rtp = free_port(span=200)
         ari = (
             f'ingress = ["sip", "ari"]\n[ari]\nurl = "{asterisk}"\nusername = "{ARI_USER}"\n'
@@ -53,11 +63,21 @@ class FrontProcess:
             if asterisk
             else ""
         )
+        store = (
+            f'store = true\ndatabase_url = "{database_url}"\n'
+            if database_url
+            else "store = false\n"
+        )
+        api = (
+            f'[api]\nport = {self.api_port}\njwt_secret = "{API_SECRET}"\n' if database_url else ""
+        )
         self.config = folder / "worker.toml"
         self.config.write_text(
             f'data_dir = "{folder / "data"}"\n'
-            f"store = false\nprocesses = {processes}\ndrain_grace_s = 15.0\n"
+            + store
+            + f"processes = {processes}\ndrain_grace_s = 15.0\n"
             + ari
+            + api
             + '[log]\nformat = "json"\n'
             f'[sip]\nhost = "127.0.0.1"\nport = {self.sip_port}\n'
             f'[rtp]\nhost = "127.0.0.1"\nport_min = {rtp}\nport_max = {rtp + 199}\n'
@@ -448,6 +468,52 @@ class TestAsteriskCallsOverTwoMediaProcesses:
         assert len(done[0]) == len(kept)
         assert done[1] == []
         assert best_match(heard, samples(said)[2000:6000]).score > 0.9
+
+    async def test_calls_placed_through_the_api_go_out_from_each_process_in_turn(
+        self, tmp_path: Path, database_url: str
+    ) -> None:
+        """``POST /telephony/calls`` through an Asterisk trunk is handed to the media processes
+        in turn; each originates with a channel id that falls on itself, so the call's events
+        come back to it (before, only process 0 had a Stasis application)."""
+        async with AriDouble(username=ARI_USER, password=ARI_PASSWORD) as asterisk:
+            asterisk.on_dial("4155550123", "answer")
+            worker = FrontProcess(tmp_path / "w", asterisk=asterisk.url, database_url=database_url)
+            await asyncio.to_thread(worker.start)
+            try:
+                await asyncio.to_thread(worker.wait_for, "connected to Asterisk's events")
+                claims = {"uid": "tester", "workspaces": [1], "exp": time.time() + 600}
+                bearer = {"Authorization": f"Bearer {jwt.encode(claims, API_SECRET, 'HS256')}"}
+                placed = []
+                async with httpx.AsyncClient(timeout=WAIT) as client:
+                    for _ in range(2):
+                        response = await client.post(
+                            f"http://127.0.0.1:{worker.api_port}/telephony/calls",
+                            json={"number": "4155550123", "trunk": "sippuas", "route": "*"},
+                            headers=bearer,
+                        )
+                        assert response.status_code == 201, response.text
+                        placed.append(response.json()["call_id"])
+                originates = [
+                    r.query["channelId"]
+                    for r in asterisk.requests
+                    if r.method == "POST" and r.path.endswith("/channels")
+                ]
+                assert sorted(_owner_of(channel) for channel in originates) == [0, 1]
+                callees = [asterisk.phone(channel) for channel in originates]
+                await _until(lambda: all(p.answered for p in callees), "both callees answer")
+                said = pattern(1.0, seed=12)
+                await asyncio.gather(*(p.send_audio(said) for p in callees))
+                await asyncio.sleep(0.3)
+                for callee in callees:
+                    await callee.hang_up()
+                done = await worker.until_done(2)
+            finally:
+                assert await asyncio.to_thread(worker.stop) == 0, worker.tail()
+        assert [len(done[0]), len(done[1])] == [1, 1]
+        assert sorted(e["call_id"] for calls in done.values() for e in calls) == sorted(placed)
+        assert all(e["status"] == "completed" for calls in done.values() for e in calls)
+        for callee in callees:
+            assert best_match(samples(bytes(callee.heard)), samples(said)[2000:6000]).score > 0.9
 
 
 def _owner(phone: Phone) -> int:
