@@ -187,12 +187,7 @@ class Worker:
                 await self.stasis.start()
             except AriAuthError as exc:
                 await self.close()
-                raise StartError(
-                    f"Asterisk at {self.settings.ari.url} refused the ARI credentials "
-                    f"({exc.status} {exc.message}): set ari.username / ari.password "
-                    "(AISPINNER_ARI__USERNAME / AISPINNER_ARI__PASSWORD) to a user of its "
-                    "ari.conf"
-                ) from exc
+                raise StartError(exc.advice(self.settings.ari.url)) from exc
 
     def stop_taking_calls(self) -> None:
         """Draining: a new call gets 503 from the SIP user agent, and one from Asterisk is hung

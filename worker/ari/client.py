@@ -65,6 +65,14 @@ class AriUnreachableError(AriError):
 class AriAuthError(AriError):
     """401: the ARI user or password is wrong."""
 
+    def advice(self, url: str) -> str:
+        """What a worker that cannot start because of it says: the settings to change."""
+        return (
+            f"Asterisk at {url} refused the ARI credentials ({self.status} {self.message}): "
+            "set ari.username / ari.password (AISPINNER_ARI__USERNAME / "
+            "AISPINNER_ARI__PASSWORD) to a user of its ari.conf"
+        )
+
 
 class AriNotFoundError(AriError):
     """404: the channel, bridge or object is gone (or never was)."""

@@ -1,8 +1,11 @@
-"""``EventsConnection``: the Stasis application's one events WebSocket to Asterisk
-(``/ari/events?app=<app>&subscribeAll=false``), kept connected. Each message goes to
-``on_message`` as received; ``on_state(True)`` after every connect and ``on_state(False)``
-when it drops. Whoever reads the messages parses them; on ``ApplicationReplaced`` it calls
-``replaced()``.
+"""The Stasis application's events: ``EventsConnection``, its one events WebSocket to Asterisk
+(``/ari/events?app=<app>&subscribeAll=false``), kept connected; and ``read_event``, how a
+message from it becomes an event to act on, wherever it is read.
+
+The connection hands each message to ``on_message`` as received. After every connect it pushes
+the configured trunks (Asterisk keeps nothing of them across its restarts) and then calls
+``on_state(True)``, while messages go on being read; ``on_state(False)`` when it drops. Whoever
+reads the messages parses them; on ``ApplicationReplaced`` it calls ``replaced()``.
 
 When the connection drops or cannot be made, it is tried again after 1, 2, 4 ...
 ``ari.reconnect_max_s`` seconds; each kind of failure is logged once at warning level until the
@@ -21,17 +24,57 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
 import websockets
 from websockets.exceptions import InvalidHandshake, InvalidStatus
 
 from worker.ari.client import AriClient, AriUnreachableError
+from worker.ari.models import AriEvent, AriProtocolError, UnknownEvent, parse_event
+from worker.ari.trunks import push_trunks
 from worker.config import AriSettings
+from worker.log import LogThrottle
 
 log = logging.getLogger("worker.ari")
 
 MAX_EVENT_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class EventCounters:
+    """What came on the events socket: events read, messages that were not valid ARI events,
+    event types the worker does not use, events that named no call this reader knows."""
+
+    events: int = 0
+    invalid_events: int = 0
+    unknown_events: int = 0
+    unrouted_events: int = 0
+
+
+def read_event(
+    message: str | bytes, counters: EventCounters, throttle: LogThrottle
+) -> AriEvent | None:
+    """The event in ``message`` to act on; None for a message that is not a valid ARI event
+    (counted, and logged at most as often as ``throttle`` allows) or a type the worker does not
+    use (counted)."""
+    try:
+        event = parse_event(message)
+    except AriProtocolError as exc:
+        counters.invalid_events += 1
+        skipped = throttle.allow("invalid", asyncio.get_running_loop().time())
+        if skipped is not None:
+            log.warning(
+                "invalid ARI event ignored",
+                extra={"error": str(exc), "similar_lines_skipped": skipped},
+            )
+        return None
+    counters.events += 1
+    if isinstance(event, UnknownEvent):
+        counters.unknown_events += 1
+        return None
+    return event
 
 
 class EventsConnection:
@@ -51,9 +94,8 @@ class EventsConnection:
         self._run: asyncio.Task[None] | None = None
         self._ws: websockets.ClientConnection | None = None
         self._replaced = False
-        self._closing: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.connected = asyncio.Event()
-        self.connects = 0
 
     async def start(self) -> None:
         """Check that Asterisk takes the credentials (``AriAuthError`` if not) and start the
@@ -78,14 +120,33 @@ class EventsConnection:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._run
             self._run = None
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def replaced(self) -> None:
         """Another client took the application over: let go, and take it back later."""
         self._replaced = True
         if self._ws is not None:
-            task = asyncio.get_running_loop().create_task(self._ws.close())
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            self._spawn(self._ws.close())
+
+    async def _ready(self) -> None:
+        """After a connect: push the trunks, then say the application is up."""
+        await push_trunks(self._client, self._settings.trunks)
+        if self.connected.is_set():
+            self._on_state(True)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("ARI task failed", exc_info=task.exception())
+
+        task.add_done_callback(done)
+        return task
 
     async def _loop(self) -> None:
         delay = 1.0
@@ -102,12 +163,11 @@ class EventsConnection:
                 ) as ws:
                     self._ws = ws
                     self._replaced = False
-                    self.connects += 1
                     self.connected.set()
                     log.info("connected to Asterisk's events", extra={"app": self._settings.app})
                     delay = 1.0
                     failures.clear()
-                    self._on_state(True)
+                    self._spawn(self._ready())
                     async for message in ws:
                         self._on_message(message)
                     kind = "closed by Asterisk"

@@ -11,6 +11,8 @@ that owns it, with no table.
 
 from __future__ import annotations
 
+import uuid
+
 from worker.ari.models import (
     AriEvent,
     BridgeDestroyed,
@@ -33,6 +35,11 @@ def subject(event: AriEvent) -> str | None:
         return event.bridge.id
     channel = getattr(event, "channel", None)
     return channel.id if isinstance(channel, Channel) else None
+
+
+def random_channel_id() -> str:
+    """A new id for a channel the worker originates: ``aispinner-<32 hex digits>``."""
+    return f"aispinner-{uuid.uuid4().hex}"
 
 
 def bridge_name(channel_id: str) -> str:

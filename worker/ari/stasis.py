@@ -27,25 +27,16 @@ import asyncio
 import contextlib
 import logging
 import re
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from worker.ari.client import AriClient, AriError, AriNotFoundError, AriUnreachableError
-from worker.ari.events import EventsConnection
+from worker.ari.events import EventCounters, EventsConnection, read_event
 from worker.ari.leg import AriLeg
 from worker.ari.media import ExternalMedia
-from worker.ari.models import (
-    ApplicationReplaced,
-    AriProtocolError,
-    Channel,
-    StasisStart,
-    UnknownEvent,
-    parse_event,
-)
-from worker.ari.route import BRIDGE_SUFFIX, bridge_name, call_key, subject
-from worker.ari.trunks import push_trunks
+from worker.ari.models import ApplicationReplaced, Channel, StasisStart
+from worker.ari.route import BRIDGE_SUFFIX, bridge_name, call_key, random_channel_id, subject
 from worker.config import AriSettings, Settings
 from worker.errors import RemoteError
 from worker.legs import Leg
@@ -62,16 +53,8 @@ def _any_id(resource_id: str) -> bool:
     return True
 
 
-def _random_channel_id() -> str:
-    return f"aispinner-{uuid.uuid4().hex}"
-
-
 @dataclass(slots=True)
-class StasisCounters:
-    events: int = 0
-    unknown_events: int = 0
-    invalid_events: int = 0
-    unrouted_events: int = 0
+class StasisCounters(EventCounters):
     connects: int = 0
     adopted: int = 0
     orphans_removed: int = 0
@@ -96,7 +79,7 @@ class StasisApp:
         client: AriClient | None = None,
         own_events: bool = True,
         owns: Callable[[str], bool] = _any_id,
-        new_channel_id: Callable[[], str] = _random_channel_id,
+        new_channel_id: Callable[[], str] = random_channel_id,
     ) -> None:
         ari = settings.ari
         self._settings = ari
@@ -221,14 +204,11 @@ class StasisApp:
 
     # -- the events connection -------------------------------------------------------------------
     def _on_state(self, up: bool) -> None:
-        """The events connection (this process's own) came up or went down."""
+        """The events connection (this process's own) came up, the trunks pushed, or went
+        down."""
         if up:
             self.counters.connects += 1
-            self._spawn(self._after_connect())
-
-    async def _after_connect(self) -> None:
-        await push_trunks(self._client, self._settings.trunks)
-        await self.resync()
+            self._spawn(self.resync())
 
     def set_connected(self, up: bool) -> None:
         """Behind a front: its events connection came up (the trunks are pushed: resync this
@@ -242,17 +222,8 @@ class StasisApp:
 
     def dispatch(self, message: str | bytes) -> None:
         """One message from the events socket."""
-        try:
-            event = parse_event(message)
-        except AriProtocolError as exc:
-            self.counters.invalid_events += 1
-            skipped = self._throttle.allow("invalid", asyncio.get_running_loop().time())
-            if skipped is not None:
-                log.warning("invalid ARI event ignored", extra={"error": str(exc)})
-            return
-        self.counters.events += 1
-        if isinstance(event, UnknownEvent):
-            self.counters.unknown_events += 1
+        event = read_event(message, self.counters, self._throttle)
+        if event is None:
             return
         if isinstance(event, ApplicationReplaced):
             if self._events is not None:

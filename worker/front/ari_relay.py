@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from worker.ari.client import AriClient
-from worker.ari.events import EventsConnection
-from worker.ari.models import ApplicationReplaced, AriProtocolError, UnknownEvent, parse_event
+from worker.ari.events import EventCounters, EventsConnection, read_event
+from worker.ari.models import ApplicationReplaced
 from worker.ari.route import call_key, subject
-from worker.ari.trunks import push_trunks
 from worker.config import AriSettings
 from worker.front.ipc import FrameError, encode_ari
 from worker.front.shard import shard_of
@@ -37,11 +35,7 @@ log = logging.getLogger("worker.front.ari")
 
 
 @dataclass(slots=True)
-class RelayCounters:
-    events: int = 0
-    invalid_events: int = 0
-    unknown_events: int = 0
-    unrouted_events: int = 0
+class RelayCounters(EventCounters):
     too_large: int = 0
 
 
@@ -58,7 +52,6 @@ class AriRelay:
         *,
         client: AriClient | None = None,
     ) -> None:
-        self._settings = settings
         self._processes = processes
         self._send = send
         self._announce = announce
@@ -69,7 +62,6 @@ class AriRelay:
         self.connected = self._events.connected
         self.up = False
         """Connected, and the trunks pushed: what a process that becomes ready is told."""
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._throttle = LogThrottle()
         self.counters = RelayCounters()
 
@@ -80,23 +72,12 @@ class AriRelay:
 
     async def close(self) -> None:
         await self._events.close()
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=3.0)
         await self._client.aclose()
 
     def relay(self, message: str | bytes) -> None:
         """One message from the events socket, to the process whose call it is about."""
-        try:
-            event = parse_event(message)
-        except AriProtocolError as exc:
-            self.counters.invalid_events += 1
-            self._warn("invalid ARI event ignored", str(exc))
-            return
-        self.counters.events += 1
-        if isinstance(event, UnknownEvent):
-            self.counters.unknown_events += 1
+        event = read_event(message, self.counters, self._throttle)
+        if event is None:
             return
         if isinstance(event, ApplicationReplaced):
             self._events.replaced()
@@ -110,35 +91,17 @@ class AriRelay:
             frame = encode_ari(data)
         except FrameError as exc:
             self.counters.too_large += 1
-            self._warn("ARI event too large to hand over; dropped", str(exc))
+            skipped = self._throttle.allow("too large", asyncio.get_running_loop().time())
+            if skipped is not None:
+                log.warning(
+                    "ARI event too large to hand over; dropped",
+                    extra={"error": str(exc), "similar_lines_skipped": skipped},
+                )
             return
         self._send(shard_of(call_key(key), self._processes), frame)
 
-    def _warn(self, what: str, error: str) -> None:
-        skipped = self._throttle.allow(what, asyncio.get_running_loop().time())
-        if skipped is not None:
-            log.warning(what, extra={"error": error, "similar_lines_skipped": skipped})
-
     def _on_state(self, up: bool) -> None:
-        if up:
-            self._spawn(self._after_connect())
-        else:
-            self.up = False
-            self._announce(False)
-
-    async def _after_connect(self) -> None:
-        await push_trunks(self._client, self._settings.trunks)
-        if self.connected.is_set():
-            self.up = True
-            self._announce(True)
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-
-        def done(task: asyncio.Task[Any]) -> None:
-            self._tasks.discard(task)
-            if not task.cancelled() and task.exception() is not None:
-                log.error("ARI task failed", exc_info=task.exception())
-
-        task.add_done_callback(done)
+        """The events connection came up (the trunks pushed) or went down: every process is
+        told."""
+        self.up = up
+        self._announce(up)

@@ -200,12 +200,7 @@ class Front:
                 await self.ari.start()
             except AriAuthError as exc:
                 await self.close()
-                raise FrontError(
-                    f"Asterisk at {settings.ari.url} refused the ARI credentials "
-                    f"({exc.status} {exc.message}): set ari.username / ari.password "
-                    "(AISPINNER_ARI__USERNAME / AISPINNER_ARI__PASSWORD) to a user of its "
-                    "ari.conf"
-                ) from exc
+                raise FrontError(exc.advice(settings.ari.url)) from exc
         metrics = settings.metrics
         if metrics.enabled:
             server = MetricsServer(self.render_metrics, metrics.host, metrics.port)

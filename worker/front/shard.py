@@ -14,11 +14,10 @@ originating a call picks a channel id that falls on itself (``owned_channel_id``
 
 from __future__ import annotations
 
-import uuid
 import zlib
 from collections.abc import Callable
 
-from worker.ari.route import call_key
+from worker.ari.route import call_key, random_channel_id
 from worker.sip.message import generate_call_id
 
 
@@ -52,6 +51,6 @@ def owned_channel_id(index: int, processes: int) -> str:
     if not 0 <= index < processes:
         raise ValueError(f"index {index} is not in 0..{processes - 1}")
     while True:
-        channel_id = f"aispinner-{uuid.uuid4().hex}"
+        channel_id = random_channel_id()
         if shard_of(channel_id, processes) == index:
             return channel_id
