@@ -23,12 +23,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import platform
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +39,8 @@ import websockets
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_sip import WorkerProcess  # noqa: E402
+
 from tests.pg import TestPostgres  # noqa: E402
 from tests.sipp import free_port  # noqa: E402
 from worker.events import models as ev  # noqa: E402
@@ -50,70 +48,11 @@ from worker.store.journal import write_events  # noqa: E402
 
 SECRET = "bench-events-secret-long-enough-for-hs256"
 WORKSPACES = 10
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def token(workspace: int) -> str:
     claims = {"uid": "bench", "workspaces": [workspace], "exp": time.time() + 3600}
     return jwt.encode(claims, SECRET, algorithm="HS256")
-
-
-class WorkerProcess:
-    def __init__(self, folder: Path, database_url: str) -> None:
-        self.api_port = free_port()
-        sip = free_port()
-        rtp = free_port()
-        self.config = folder / "worker.toml"
-        self.config.write_text(
-            f'data_dir = "{folder / "data"}"\ndatabase_url = "{database_url}"\nprocesses = 1\n'
-            f'[log]\nformat = "json"\nlevel = "warning"\n[sip]\nport = {sip}\n'
-            f"[rtp]\nport_min = {rtp}\nport_max = {rtp + 20}\n"
-            f'[api]\nport = {self.api_port}\njwt_secret = "{SECRET}"\n'
-            "hub_queue_events = 5000\n",
-            encoding="utf-8",
-        )
-        self.log = folder / "worker.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AISPINNER_")}
-        self._out = self.log.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "--config", str(self.config), "run"],
-            stdin=subprocess.DEVNULL,
-            stdout=self._out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited: {self.log.read_text()[-2000:]}")
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", self.api_port)) == 0:
-                    return
-            time.sleep(0.05)
-        raise RuntimeError("the worker's API did not come up")
-
-    def cpu_seconds(self) -> float:
-        assert self.process is not None
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-    def stop(self) -> int:
-        """SIGTERM (SIGKILL if it is still there after 30 s); its exit code. Safe to call again,
-        or when ``start`` failed."""
-        if self.process is None:
-            return 0
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._out.close()
-        return self.process.returncode
 
 
 class Client:
@@ -151,11 +90,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     worker: WorkerProcess | None = None
     try:
         url = await postgres.database()
-        worker = WorkerProcess(folder, url)
+        api_port = free_port()
+        api = f'\n[api]\nport = {api_port}\njwt_secret = "{SECRET}"\nhub_queue_events = 5000\n'
+        worker = WorkerProcess(folder, rtp_ports=20, database_url=url, tail=api)
         await asyncio.to_thread(worker.start)
         clients = [Client(1 + n % WORKSPACES) for n in range(args.clients)]
         for client in clients:
-            hub = f"ws://127.0.0.1:{worker.api_port}/ws/events/{client.workspace}"
+            hub = f"ws://127.0.0.1:{api_port}/ws/events/{client.workspace}"
             client.task = asyncio.create_task(client.run(f"{hub}?token={token(client.workspace)}"))
         for _ in range(600):
             if all(c.ws is not None for c in clients):

@@ -63,16 +63,21 @@ class WorkerProcess:
         sip_extra: str = NO_RATE_LIMIT,
         top: str = "",
         tail: str = "",
+        database_url: str | None = None,
     ) -> None:
-        """``top``: settings before the first table (``ingress``); ``tail``: more tables."""
+        """``top``: settings before the first table (``ingress``); ``tail``: more tables;
+        ``database_url``: the journal and events there (store on), else store off."""
         self.workdir = workdir
         self.port = free_port()
         self.log_path = workdir / "worker.log"
         base = random.randrange(20000, 32000 - rtp_ports, 2)
+        store = (
+            f'store = true\ndatabase_url = "{database_url}"' if database_url else "store = false"
+        )
         self.config = workdir / "worker.toml"
         self.config.write_text(
             f"""data_dir = "{workdir / "data"}"
-store = false
+{store}
 processes = {processes}
 {top}
 
